@@ -1,0 +1,321 @@
+"""The core contract: a mergeable estimator as a NamedTuple of pure functions.
+
+An :class:`Estimator` follows the optax pattern. Its state is a pytree summary of every row seen so
+far and obeys two laws, checked for every estimator by ``tests/laws.py``:
+
+* ``merge(init(example), s) == s`` (``init`` is the identity), and ``merge`` is associative and
+  commutative (exactly for moments and reservoirs, within a documented bound for sketches);
+* ``update(s, concat(a, b)) ≈ merge(update(s, a), update(init, b))``: streaming in batches, on
+  separate devices or hosts, then merging, equals one pass over all the rows.
+
+Everything that cannot be merged (eigendecompositions, Cholesky factors, EM) happens once in
+``finalize``. ``score`` maps rows to anomaly scores where *higher means more anomalous*.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+State = Any  # a pytree
+Fitted = Any  # a pytree
+Array = jax.Array
+
+
+class ShapeError(ValueError):
+    """An input whose shape or dtype does not match what the estimator (or tap) expects."""
+
+
+class InitFn(Protocol):
+    def __call__(self, example: jax.ShapeDtypeStruct | Array) -> State: ...
+
+
+class UpdateFn(Protocol):
+    def __call__(
+        self, state: State, x: Array, *, mask: Array | None = None, weights: Array | None = None
+    ) -> State: ...
+
+
+class MergeFn(Protocol):
+    def __call__(self, a: State, b: State) -> State: ...
+
+
+class FinalizeFn(Protocol):
+    def __call__(self, state: State) -> Fitted: ...
+
+
+class ScoreFn(Protocol):
+    def __call__(self, fitted: Fitted, x: Array, *, mask: Array | None = None) -> Array: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorSpec:
+    """Frozen, JSON-serialisable description of an estimator: the single source of truth.
+
+    Attributes:
+      name: registry key of the factory that built the estimator (``"gaussian"``).
+      params: keyword arguments of that factory; JSON values only. Nested estimators (in
+        combinators) are stored as their own spec dicts.
+      mergeable: False for estimators that learn by gradient, whose merge is an approximation
+        (averaged parameters) rather than an exact summary.
+    """
+
+    name: str
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    mergeable: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain JSON-compatible dicts."""
+        return {"name": self.name, "params": _jsonable(self.params), "mergeable": self.mergeable}
+
+    def to_json(self) -> str:
+        """The spec as a canonical JSON string; ``jaxmon.from_spec`` rebuilds the estimator."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EstimatorSpec) and self.to_json() == other.to_json()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, EstimatorSpec):
+        return value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(
+        f"estimator hyperparameter {value!r} of type {type(value).__name__} is not JSON-"
+        "serialisable; specs may hold only None, bool, int, float, str, lists and dicts"
+    )
+
+
+class Estimator(NamedTuple):
+    """A mergeable streaming estimator: pure functions over pytree states.
+
+    Attributes:
+      init: ``(example: ShapeDtypeStruct | array [..., d]) -> State``, the empty summary.
+      update: ``(state, x[..., d], *, mask=None, weights=None) -> State``. Leading axes are
+        flattened into rows; rows where ``mask`` is False count as absent; rows holding any
+        NaN/inf are excluded and counted (``jaxmon.num_nonfinite``).
+      merge: ``(state, state) -> State``: associative, commutative, ``init`` is its identity.
+      finalize: ``(state) -> Fitted``: the non-mergeable work, done once.
+      score: ``(fitted, x[..., d], *, mask=None) -> [...]``: one score per row, higher = more
+        anomalous; masked rows score 0.
+      spec: the hyperparameters; ``jaxmon.from_spec(spec.to_json())`` rebuilds this estimator.
+    """
+
+    init: InitFn
+    update: UpdateFn
+    merge: MergeFn
+    finalize: FinalizeFn
+    score: ScoreFn
+    spec: EstimatorSpec
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Callable[..., Estimator]] = {}
+
+
+def register(name: str, builder: Callable[..., Estimator] | None = None):
+    """Registers ``builder(**params) -> Estimator`` under ``name`` (usable as a decorator).
+
+    Builders of combinators receive nested estimators as spec dicts and call ``from_spec``.
+    """
+
+    def deco(fn: Callable[..., Estimator]) -> Callable[..., Estimator]:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"an estimator named {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco(builder) if builder is not None else deco
+
+
+def from_spec(spec: str | Mapping[str, Any] | EstimatorSpec) -> Estimator:
+    """Rebuilds an estimator from its spec (JSON string, dict or ``EstimatorSpec``).
+
+    Raises:
+      ValueError: the spec names no registered estimator.
+    """
+    if isinstance(spec, EstimatorSpec):
+        spec = spec.to_dict()
+    elif isinstance(spec, str):
+        spec = json.loads(spec)
+    name = spec["name"]
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"no estimator named {name!r} is registered (known: {sorted(_REGISTRY)}); "
+            "was the spec written by a newer jaxmon, or is a plugin module not imported?"
+        )
+    return _REGISTRY[name](**dict(spec.get("params", {})))
+
+
+def registered() -> list[str]:
+    """Names of every registered estimator."""
+    return sorted(_REGISTRY)
+
+
+# --------------------------------------------------------------------------- row counts
+
+
+class Counts(NamedTuple):
+    """Exact row counters, carried by every state.
+
+    float32 is exact only to 2^24 and int32 overflows at 2^31, so each count is two uint32
+    words ``[lo, hi]`` with carry: exact to 2^64 rows with x64 off.
+    """
+
+    rows: Array  # shape=(2,), dtype=uint32: rows folded into the state
+    nonfinite: Array  # shape=(2,), dtype=uint32: valid-mask rows excluded for NaN/inf
+
+
+def counts_zero() -> Counts:
+    """Empty counters."""
+    z = jnp.zeros((2,), jnp.uint32)
+    return Counts(z, z)
+
+
+def _add_words(a: Array, b: Array) -> Array:
+    lo = a[0] + b[0]
+    carry = (lo < a[0]).astype(jnp.uint32)
+    return jnp.stack([lo, a[1] + b[1] + carry])
+
+
+def counts_add(c: Counts, rows: Array, nonfinite: Array) -> Counts:
+    """Adds per-batch counts (non-negative int32 scalars) to ``c``."""
+    r = jnp.stack([rows.astype(jnp.uint32), jnp.uint32(0)])
+    n = jnp.stack([nonfinite.astype(jnp.uint32), jnp.uint32(0)])
+    return Counts(_add_words(c.rows, r), _add_words(c.nonfinite, n))
+
+
+def counts_merge(a: Counts, b: Counts) -> Counts:
+    """Exact sum of two counters (associative, commutative)."""
+    return Counts(_add_words(a.rows, b.rows), _add_words(a.nonfinite, b.nonfinite))
+
+
+def counts_as_float(words: Array, dtype=jnp.float32) -> Array:
+    """A counter as a float (rounded beyond 2^24 in float32; for ratios, not for reporting)."""
+    return words[0].astype(dtype) + words[1].astype(dtype) * dtype(2.0**32)
+
+
+def _words_to_int(words: Any) -> int:
+    w = np.asarray(jax.device_get(words)).astype(np.uint64)
+    # Stacked (vmapped) counters: sum the per-layer counts exactly in Python ints.
+    w = w.reshape(-1, 2)
+    return sum(int(lo) + (int(hi) << 32) for lo, hi in w)
+
+
+def _find_counts(state: State) -> list[tuple[str, Counts]]:
+    found = []
+    leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, Counts))
+    for path, leaf in leaves:
+        if isinstance(leaf, Counts):
+            found.append((jax.tree_util.keystr(path), leaf))
+    return found
+
+
+def _count(state: State, field: str) -> int | dict[str, int]:
+    found = _find_counts(state)
+    if not found:
+        raise TypeError(f"{type(state).__name__} holds no jaxmon row counter")
+    if len(found) == 1:
+        return _words_to_int(getattr(found[0][1], field))
+    return {path: _words_to_int(getattr(c, field)) for path, c in found}
+
+
+def num_rows(state: State) -> int | dict[str, int]:
+    """Exact number of rows folded into ``state`` (beyond 2^32 too).
+
+    Returns an ``int`` for a single estimator's state; for a composite state holding several
+    counters (a monitor over taps), a dict from the counter's pytree path to its count.
+    """
+    return _count(state, "rows")
+
+
+def num_nonfinite(state: State) -> int | dict[str, int]:
+    """Exact number of rows that were excluded from ``state`` because they held NaN or inf."""
+    return _count(state, "nonfinite")
+
+
+# --------------------------------------------------------------------------- input checks
+
+_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
+
+
+def feature_dim(example: jax.ShapeDtypeStruct | Array, *, name: str) -> int:
+    """The trailing feature size of an ``init`` example, checked."""
+    shape = getattr(example, "shape", None)
+    if shape is None or len(shape) < 1:
+        raise ShapeError(
+            f"{name}.init expects an example array or jax.ShapeDtypeStruct of shape [..., d], "
+            f"got {example!r}"
+        )
+    return int(shape[-1])
+
+
+def check_rows(
+    x: Array,
+    d: int,
+    *,
+    name: str,
+    mask: Array | None = None,
+    weights: Array | None = None,
+) -> tuple[Array, Array | None, Array | None]:
+    """Validates ``x[..., d]`` (and mask/weights ``[...]``) and flattens them to rows.
+
+    Shapes are static under ``jit``, so this raises at trace time, at the Python boundary.
+
+    Raises:
+      ShapeError: naming the estimator, the expected shape and dtype, and what was given.
+    """
+    x = jnp.asarray(x) if not isinstance(x, jax.Array | jax.core.Tracer) else x
+    if x.ndim < 1 or x.shape[-1] != d:
+        raise ShapeError(
+            f"{name}: expected activations of shape [..., {d}] and a float dtype "
+            f"(float32, bfloat16, float16), got shape {list(x.shape)} {x.dtype}"
+        )
+    if not any(x.dtype == f for f in _FLOATS):
+        raise ShapeError(
+            f"{name}: expected a float dtype (float32, bfloat16, float16) for activations of shape "
+            f"[..., {d}], got {x.dtype}; cast integer inputs with x.astype(jnp.float32)"
+        )
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, d)
+    for label, arr in (("mask", mask), ("weights", weights)):
+        if arr is not None and tuple(arr.shape) != tuple(lead):
+            raise ShapeError(
+                f"{name}: {label} must have the leading shape of the activations {list(lead)} "
+                f"(activations {list(x.shape)}), got {list(arr.shape)}"
+            )
+    m = None if mask is None else jnp.asarray(mask).reshape(-1).astype(bool)
+    w = None if weights is None else jnp.asarray(weights).reshape(-1)
+    return rows, m, w
+
+
+def valid_rows(rows: Array, mask: Array | None) -> tuple[Array, Array]:
+    """``(ok, bad)``: rows to fold (mask and finite) and rows excluded for NaN/inf."""
+    finite = jnp.all(jnp.isfinite(rows), axis=-1)
+    m = jnp.ones(rows.shape[:1], bool) if mask is None else mask
+    return m & finite, m & ~finite
+
+
+def masked_scores(scores: Array, mask: Array | None, lead: tuple[int, ...]) -> Array:
+    """Reshapes row scores to ``lead`` and zeroes masked rows (with ``where``, NaN-safe)."""
+    s = scores.reshape(lead)
+    if mask is None:
+        return s
+    return jnp.where(jnp.asarray(mask).reshape(lead), s, jnp.zeros((), s.dtype))

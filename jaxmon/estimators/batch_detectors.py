@@ -1,0 +1,3 @@
+"""QUE and spectral-signature batch detectors (issue 3): being built."""
+
+__all__: list[str] = []

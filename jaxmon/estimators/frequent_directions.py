@@ -1,0 +1,3 @@
+"""Frequent Directions sketch (issue 3): being built."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Mergeable quantile sketch (issue 3): being built."""
+
+__all__: list[str] = []

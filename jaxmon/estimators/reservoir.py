@@ -1,0 +1,3 @@
+"""Priority reservoir and kNN (issue 3): being built."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Layer-to-layer transition estimator (issue 6): being built."""
+
+__all__: list[str] = []
