@@ -1,68 +1,408 @@
-"""`make demo`: a short end-to-end run of what exists (replaced by the full demo, issue 7).
+"""`make demo`: monitor a backdoored language model end to end.
 
-Fits Gaussian detectors on synthetic "trusted" activations streamed in batches, scores held-out
-trusted rows and planted anomalies, and prints a table.
+1. **Train** a small causal transformer LM (Flax NNX, optax) on the docstrings of Python's own
+   standard library, byte-level; a few training windows carry a trigger after which the text
+   switches to a fixed payload. Report the clean loss and the attack success rate.
+2. **Monitor** every block's residual stream and MLP output inside the jitted train step, on
+   the trusted (untriggered) rows of each batch, and save the monitor with the model in one
+   orbax checkpoint.
+3. **Log** every tap's activations over a query set (held-out clean, triggered, word-shuffled
+   and Python source code) to zarr, with token text and labels.
+4. **Answer from the checkpoint alone**, in a fresh process: load the monitor, calibrate it on
+   held-out clean text, batch-score the store, print one table (AUROC and recall at 1% FPR per
+   detector, tap and anomaly kind, at token and sequence level, plus the calibrated multi-tap
+   combination), and write the HTML report.
+
+Run ``python -m jaxmon.demo --quick`` for a small run (the test suite's), or with no flags for the
+default run. A stage whose library part is missing is skipped with a printed note.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 import jaxmon
+from jaxmon import _demo_lm as lm
+
+QUICK = dict(
+    tokens=8192, steps=120, d_model=64, layers=2, heads=4, seq_len=64, batch=16, eval_rows=64
+)
+DEFAULT = dict(
+    tokens=1_000_000,
+    steps=600,
+    d_model=128,
+    layers=4,
+    heads=4,
+    seq_len=128,
+    batch=32,
+    eval_rows=256,
+)
 
 
-def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    # Mann–Whitney U with ties counted half: the probability a positive outranks a negative.
-    allv = np.concatenate([neg, pos])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    ranks[order] = np.arange(1, len(allv) + 1)
-    for v in np.unique(allv[np.r_[False, np.diff(allv[order]) == 0]] if len(allv) else []):
-        ranks[allv == v] = ranks[allv == v].mean()
-    return float((ranks[len(neg) :].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+def _log(msg: str) -> None:
+    print(msg, flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Runs the demo."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--tokens", type=int, default=200_000, help="trusted rows to stream")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--quick", action="store_true", help="a small run (seconds)")
+def _note(msg: str) -> None:
+    print(f"  [skipped] {msg}", flush=True)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxmon.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a small run (about a minute)")
+    p.add_argument("--tokens", type=int, help="query tokens to log and score (default 1M)")
+    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--d-model", type=int, help="model width")
+    p.add_argument("--layers", type=int, help="transformer blocks")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence")
+    p.add_argument("--batch", type=int, help="training batch (sequences)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--poison", type=float, default=0.05, help="fraction of triggered windows")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
+    p.add_argument(
+        "--stage",
+        choices=("all", "train", "score"),
+        default="all",
+        help="all: train+log here, then score in a fresh process; score: only stage 4",
+    )
     args = p.parse_args(argv)
-    n, d = (20_000, 64) if args.quick else (args.tokens, args.d_model)
-    rng = np.random.default_rng(0)
-    mix = rng.standard_normal((d, d)) / np.sqrt(d)
-    trusted = lambda m: (rng.standard_normal((m, d)) @ mix).astype(np.float32)
-    detectors = {
-        "gaussian": jaxmon.gaussian(),
-        "gaussian(ledoit_wolf)": jaxmon.gaussian(shrinkage="ledoit_wolf"),
-        "gaussian(relative)": jaxmon.gaussian(relative=True, shrinkage="oas"),
-        "gaussian(diagonal)": jaxmon.gaussian(diagonal=True),
-    }
-    states = {k: e.init(jax.ShapeDtypeStruct((d,), jnp.bfloat16)) for k, e in detectors.items()}
+    base = QUICK if args.quick else DEFAULT
+    for k, v in base.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.eval_rows = base["eval_rows"]
+    args.heads = base["heads"]
+    return args
+
+
+# --------------------------------------------------------------------------- stage 1+2
+
+
+def _train_batches(text: bytes, args, rng: np.random.Generator):
+    """Random training windows; a ``poison`` fraction carry the trigger and payload."""
+    arr = np.frombuffer(text, np.uint8)
+    idx = np.arange(args.seq_len)[None, :]
+    while True:
+        starts = rng.integers(0, len(arr) - args.seq_len, size=args.batch)
+        rows = arr[starts[:, None] + idx]
+        poisoned = rng.random(args.batch) < args.poison
+        if poisoned.any():
+            rows = rows.copy()
+            rows[poisoned], _ = lm.plant(rows[poisoned], rng)
+        yield rows.astype(np.int32), ~poisoned
+
+
+def _build_monitor(args):
+    """The monitor config over every block's residual stream and MLP output (what has landed)."""
+    if not hasattr(jaxmon, "monitor"):
+        _note("jaxmon.monitor has not landed: training runs without a monitor")
+        return None
+    dets = {"gaussian": jaxmon.gaussian(shrinkage="ledoit_wolf")}
+    if hasattr(jaxmon, "pca_residual"):
+        dets["pca_fd"] = jaxmon.pca_residual(
+            rank=max(4, args.d_model // 8), source="frequent_directions"
+        )
+    else:
+        _note("jaxmon.pca_residual has not landed")
+    if hasattr(jaxmon, "knn"):
+        dets["knn"] = jaxmon.knn(k=10, bank_size=1024)
+    else:
+        _note("jaxmon.knn has not landed")
+    config = {"blocks/*/resid": dets, "blocks/*/mlp_out": dets}
+    if hasattr(jaxmon, "transition"):
+        for i in range(args.layers - 1):
+            config[(f"blocks/{i}/resid", f"blocks/{i + 1}/resid")] = jaxmon.transition(ridge=1e-3)
+    else:
+        _note("jaxmon.transition has not landed")
+    return jaxmon.monitor(config)
+
+
+def train(args, corpus: lm.Corpus):
+    """Stage 1+2: trains the backdoored LM with the monitor riding along in the jitted step.
+
+    Returns:
+      ``(model, monitor, monitor_state, info)``.
+    """
+    rngs = nnx.Rngs(args.seed)
+    model = lm.TinyLM(
+        d_model=args.d_model,
+        layers=args.layers,
+        heads=args.heads,
+        seq_len=args.seq_len,
+        rngs=rngs,
+    )
+    graphdef, params = nnx.split(model)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, 3e-3, min(100, args.steps // 10), args.steps, 3e-4
+    )
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+    opt_state = tx.init(params)
+
+    mon = _build_monitor(args)
+    mon_state = None
+    if mon is not None:
+        example = {
+            f"blocks/{i}/{t}": jax.ShapeDtypeStruct(
+                (args.batch, args.seq_len, args.d_model), jnp.float32
+            )
+            for i in range(args.layers)
+            for t in ("resid", "mlp_out")
+        }
+        mon_state = mon.init(example)
+    # The monitor rides along for the last 40% of training only: earlier activations come from
+    # a model that no longer exists (its statistics would describe a different network).
+    monitor_from = int(0.6 * args.steps)
+
+    @jax.jit
+    def train_step(params, opt_state, mon_state, tokens, trusted, step):
+        def loss_fn(p):
+            logits, taps = nnx.merge(graphdef, p)(tokens)
+            return lm.next_token_loss(logits, tokens).mean(), taps
+
+        (loss, taps), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if mon is not None:
+            # Only trusted rows (no trigger) of late steps feed the monitor; padding-free batches.
+            rows_ok = trusted & (step >= monitor_from)
+            mask = jnp.broadcast_to(rows_ok[:, None], tokens.shape)
+            mon_state = mon.update(mon_state, jax.lax.stop_gradient(taps), mask=mask)
+        return params, opt_state, mon_state, loss
+
+    rng = np.random.default_rng(args.seed)
+    batches = _train_batches(corpus.train, args, rng)
     t0 = time.perf_counter()
-    batch = 4096
-    for start in range(0, n, batch):
-        x = jnp.asarray(trusted(min(batch, n - start)), jnp.bfloat16)
-        states = {k: detectors[k].update(s, x) for k, s in states.items()}
-    jax.block_until_ready(states)
-    dt = time.perf_counter() - t0
-    clean = trusted(2000)
-    shifted = clean + 0.5 * rng.standard_normal(d).astype(np.float32)
-    decorrelated = np.stack([rng.permutation(c) for c in trusted(2000).T], axis=1)
-    print(f"streamed {n:,} rows of d={d} (bf16) into {len(detectors)} detectors in {dt:.2f}s")
-    print(f"{'detector':24s} {'AUROC mean-shift':>17s} {'AUROC decorrelated':>19s}")
-    for k, est in detectors.items():
-        f = est.finalize(states[k])
-        sc = lambda x: np.asarray(est.score(f, jnp.asarray(x)))
-        base = sc(clean)
-        print(f"{k:24s} {_auroc(sc(shifted), base):17.3f} {_auroc(sc(decorrelated), base):19.3f}")
+    losses = []
+    for step in range(args.steps):
+        tokens, trusted = next(batches)
+        params, opt_state, mon_state, loss = train_step(
+            params, opt_state, mon_state, jnp.asarray(tokens), jnp.asarray(trusted), step
+        )
+        losses.append(loss)
+        if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
+            _log(f"  step {step:5d}  train loss {float(loss):.3f} nats/byte")
+    jax.block_until_ready(params)
+    train_s = time.perf_counter() - t0
+    model = nnx.merge(graphdef, params)
+    info = {
+        "train_seconds": train_s,
+        "train_tokens": args.steps * args.batch * args.seq_len,
+        "final_train_loss": float(np.mean([float(x) for x in losses[-20:]])),
+        "monitor_from_step": monitor_from,
+    }
+    return model, mon, mon_state, info
+
+
+def evaluate(model, corpus: lm.Corpus, args) -> dict:
+    """Clean held-out loss and attack success rate (with its no-trigger control)."""
+    forward = jax.jit(lambda t: model(t)[0])
+    rng = np.random.default_rng(args.seed + 1)
+    clean = lm.windows(corpus.query, args.seq_len, args.eval_rows, stride=args.seq_len * 3)
+    trig, start = lm.plant(clean, rng)
+    ctrl, cstart = lm.plant(clean, rng, trigger=b"")
+    losses, succ, ctrl_ok = [], [], []
+    for lo in range(0, len(clean), 64):
+        sl = slice(lo, lo + 64)
+        logits = forward(jnp.asarray(clean[sl].astype(np.int32)))
+        losses.append(np.asarray(lm.next_token_loss(logits, jnp.asarray(clean[sl]))))
+        pred = np.asarray(jnp.argmax(forward(jnp.asarray(trig[sl].astype(np.int32))), -1))
+        succ.append(lm.attack_success(pred, trig[sl], start[sl]))
+        pred = np.asarray(jnp.argmax(forward(jnp.asarray(ctrl[sl].astype(np.int32))), -1))
+        ctrl_ok.append(lm.attack_success(pred, ctrl[sl], cstart[sl], trigger=b""))
+    return {
+        "clean_loss_nats_per_byte": float(np.concatenate(losses).mean()),
+        "attack_success_rate": float(np.concatenate(succ).mean()),
+        "payload_without_trigger_rate": float(np.concatenate(ctrl_ok).mean()),
+        "eval_sequences": len(clean),
+    }
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def _string_keys(tree):
+    # orbax wants string dict keys; NNX lists give int keys.
+    if isinstance(tree, dict):
+        return {str(k): _string_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def tap_example(args, batch: int) -> dict:
+    """The monitor's ``init`` example: one ``[batch, seq, d]`` entry per tap."""
+    shape = (batch, args.seq_len, args.d_model)
+    return {
+        f"blocks/{i}/{t}": jax.ShapeDtypeStruct(shape, jnp.float32)
+        for i in range(args.layers)
+        for t in ("resid", "mlp_out")
+    }
+
+
+def save_checkpoint(args, model, mon, mon_state, fitted, info) -> Path | None:
+    """Saves the model parameters and the monitor in ONE orbax checkpoint.
+
+    The monitor's items come from ``jaxmon.checkpoint.save_args`` and are spliced into the same
+    ``ocp.args.Composite`` as the model, as a training job would do with its own manager;
+    ``jaxmon.load(path)`` reads the monitor back from this composite checkpoint alone.
+    """
+    try:
+        import orbax.checkpoint as ocp
+
+        from jaxmon import checkpoint as jcp
+    except ImportError as e:
+        _note(f"jaxmon.checkpoint is not available ({e}): nothing saved")
+        return None
+    path = (args.out / "checkpoint").resolve()
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    params = _string_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    items = {"model": ocp.args.StandardSave(params)}
+    if mon is not None:
+        spliced = jcp.save_args(
+            mon,
+            mon_state,
+            fitted=fitted,
+            example=tap_example(args, args.batch),
+            step=args.steps,
+            metadata={"demo": info},
+        )
+        # The spliced items carry the names jaxmon.checkpoint.save uses, so jaxmon.load(path)
+        # opens this composite checkpoint directly.
+        items.update(spliced)
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    with ocp.CheckpointManager(path, options=options) as mngr:
+        mngr.save(args.steps, args=ocp.args.Composite(**items))
+        mngr.wait_until_finished()
+    return path
+
+
+# --------------------------------------------------------------------------- stage 3
+
+
+def log_activations(args, model, mon, fitted, corpus: lm.Corpus) -> dict | None:
+    """Stage 3: runs the model over the query set and the calibration text, logging every tap.
+
+    Also scores the first query batch with the in-memory monitor (on the same bf16-rounded
+    activations that are logged), so stage 4 can check that the reloaded checkpoint gives the same
+    scores.
+    """
+    q = lm.build_query_set(corpus, tokens=args.tokens, seq_len=args.seq_len, seed=args.seed + 2)
+    calib = lm.windows(corpus.calib, args.seq_len, max(64, args.tokens // (4 * args.seq_len)))
+    np.savez(
+        args.out / "query_labels.npz",
+        tokens=q.tokens,
+        kind=q.kind,
+        token_label=q.token_label,
+        trigger_start=q.trigger_start,
+        kinds=np.array(lm.KINDS),
+    )
+    n_tok = q.tokens.size
+    _log(
+        f"[3/4] query set: {len(q.tokens):,} sequences = {n_tok:,} tokens "
+        + ", ".join(f"{k} {int((q.kind == i).sum())}" for i, k in enumerate(lm.KINDS))
+        + f"; calibration: {calib.size:,} held-out clean tokens"
+    )
+    forward = jax.jit(lambda t: jax.tree.map(lambda a: a.astype(jnp.bfloat16), model(t)[1]))
+    bs = 64
+    first = forward(jnp.asarray(q.tokens[:bs].astype(np.int32)))
+    if mon is not None and fitted is not None:
+        f32 = jax.tree.map(lambda a: a.astype(jnp.float32), first)
+        mem = jax.device_get(jax.jit(mon.score)(fitted, f32))
+        np.savez(
+            args.out / "inmemory_scores.npz",
+            keys=np.array(list(mem)),
+            **{f"s{i}": v for i, v in enumerate(mem.values())},
+        )
+    try:
+        from jaxmon import io as jio
+    except ImportError:
+        _note("jaxmon.io (ActivationWriter) has not landed: activations are not logged")
+        return {"query_tokens": n_tok, "logged": False}
+    raise NotImplementedError(jio)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _machine() -> str:
+    return (
+        f"{platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, jax {jax.__version__} ({jax.default_backend()})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the demo; returns the process exit status."""
+    args = _parse(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.stage in ("all", "train"):
+        t0 = time.perf_counter()
+        _log(f"jaxmon demo: {_machine()}")
+        corpus = lm.stdlib_corpus()
+        _log(
+            f"[1/4] corpus: {corpus.files} stdlib files; {len(corpus.train):,} training bytes of "
+            f"docstrings; poisoned fraction {args.poison:.0%}, trigger {lm.TRIGGER!r} -> "
+            f"payload {lm.PAYLOAD!r}"
+        )
+        _log(
+            f"      model: {args.layers} blocks, d_model {args.d_model}, seq {args.seq_len}; "
+            f"{args.steps} steps of {args.batch} sequences"
+        )
+        model, mon, mon_state, info = train(args, corpus)
+        info.update(evaluate(model, corpus, args))
+        fitted = None if mon is None else jax.jit(mon.finalize)(mon_state)
+        _log(
+            f"      trained in {info['train_seconds']:.1f}s: held-out clean loss "
+            f"{info['clean_loss_nats_per_byte']:.3f} nats/byte; attack success rate "
+            f"{info['attack_success_rate']:.1%} of {info['eval_sequences']} held-out "
+            f"triggered sequences (payload without trigger: "
+            f"{info['payload_without_trigger_rate']:.1%})"
+        )
+        if mon is not None:
+            rows = jaxmon.num_rows(mon_state)
+            rows = rows if isinstance(rows, int) else max(rows.values())
+            info["monitor_rows_per_tap"] = rows
+            _log(
+                f"[2/4] monitor: {len(fitted)} tap/detector states, fed {rows:,} trusted tokens "
+                f"per tap inside the jitted train step (steps {info['monitor_from_step']}+)"
+            )
+        ckpt = save_checkpoint(args, model, mon, mon_state, fitted, info)
+        if ckpt is not None:
+            _log(f"      model + monitor saved in one orbax checkpoint: {ckpt}")
+        (args.out / "train.json").write_text(json.dumps(info, indent=1))
+        _log(f"      stages 1-2 took {time.perf_counter() - t0:.1f}s")
+        t0 = time.perf_counter()
+        logged = log_activations(args, model, mon, fitted, corpus)
+        (args.out / "log.json").write_text(json.dumps(logged, indent=1))
+        _log(f"      stage 3 took {time.perf_counter() - t0:.1f}s")
+    if args.stage == "all":
+        cmd = [sys.executable, "-m", "jaxmon.demo", "--stage", "score", "--out", str(args.out)]
+        _log(f"[4/4] answering from the checkpoint in a fresh process: {' '.join(cmd[1:])}")
+        return subprocess.call(cmd)
+    if args.stage == "score":
+        return score(args)
+    return 0
+
+
+def score(args) -> int:
+    """Stage 4 (in a fresh process): load, calibrate, batch-score, table, report."""
+    _note("stage 4 needs jaxmon.load, jaxmon.calibrated and jaxmon.query (not landed yet)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
