@@ -1,3 +1,495 @@
-"""Monitors over many taps and every_k (issue 4): being built."""
+"""Monitors over many taps (``monitor``) and sparse updates (``every_k``).
 
-__all__: list[str] = []
+A monitor is itself an :class:`~jaxmon.Estimator`: its state, fitted value and scores are plain
+dicts with string keys, one entry per monitored tap (or tap pair, or tap and named detector), so
+merging, checkpointing and sharding need no special case.
+
+Keys (the contract other modules rely on):
+
+* one estimator per pattern: the tap name, ``"blocks/0/mlp_out"``;
+* a dict of named estimators per pattern: ``"blocks/0/mlp_out:gauss"``;
+* a pair pattern (two-tap estimators such as the transition estimator): ``"a->b"`` (and
+  ``"a->b:name"``); the estimator receives the tuple ``(x_a, x_b)`` as its ``x``.
+
+Stacked taps (scan over layers). A tap recorded inside a ``jax.lax.scan`` over layers arrives
+with a leading layer axis, ``[layers, batch, seq, d]``. Declare it with
+``stacked={"blocks/resid": "blocks/{i}/resid"}``: the monitor then sees one ordinary tap per
+layer (``"blocks/0/resid"``, ``"blocks/1/resid"``, ...), patterns match those names, and every
+state, fitted value and score is keyed by them. Updates and scores of the layers of one stacked
+tap that share an estimator run as a single ``jax.vmap`` over the layer axis (one kernel for all
+layers, not one per layer); ``mask`` and ``weights`` have the per-layer leading shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxmon._base import Estimator, EstimatorSpec, ShapeError, from_spec, register
+
+__all__ = ["monitor", "every_k", "EveryKState"]
+
+_LAYER = "{i}"
+
+
+# --------------------------------------------------------------------------- every_k
+
+
+class EveryKState(NamedTuple):
+    """State of :func:`every_k`: the inner state and the number of update calls seen."""
+
+    inner: Any  # the wrapped estimator's state
+    calls: jax.Array  # shape=(), dtype=uint32: update calls (summed over merged states)
+
+
+def _as_estimator(est: Estimator | Mapping[str, Any] | str, *, where: str) -> Estimator:
+    if isinstance(est, Estimator):
+        return est
+    if isinstance(est, Mapping | str | EstimatorSpec):
+        return from_spec(est)
+    raise TypeError(
+        f"{where}: expected a jaxmon Estimator (e.g. jaxmon.gaussian()), got "
+        f"{type(est).__name__}; did you pass the factory instead of calling it?"
+    )
+
+
+@register("every_k")
+def every_k(estimator: Estimator | Mapping[str, Any], k: int) -> Estimator:
+    """Updates ``estimator`` on every ``k``-th call only (calls 0, k, 2k, ...).
+
+    The skipped calls cost a counter increment: the inner update runs under ``lax.cond``, so on
+    skipped steps its work is not executed. Use it to monitor a training run at a fraction of
+    the step cost. ``merge`` merges the inner states and sums the call counters; ``finalize``
+    and ``score`` are the inner estimator's.
+
+    Args:
+      estimator: the estimator to update sparsely (or its spec dict).
+      k: update period, ``k >= 1``; ``k = 1`` updates on every call.
+
+    Returns:
+      An :class:`~jaxmon.Estimator` whose state is an :class:`EveryKState`.
+
+    Example:
+      >>> est = jaxmon.every_k(jaxmon.monitor({"blocks/*/resid": jaxmon.gaussian()}), 10)
+    """
+    inner = _as_estimator(estimator, where="every_k")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"every_k: k must be an integer >= 1, got {k!r}")
+    spec = EstimatorSpec(
+        "every_k", {"estimator": inner.spec.to_dict(), "k": k}, mergeable=inner.spec.mergeable
+    )
+
+    def init(example) -> EveryKState:
+        return EveryKState(inner.init(example), jnp.zeros((), jnp.uint32))
+
+    @jax.jit
+    def update(state: EveryKState, x, *, mask=None, weights=None) -> EveryKState:
+        due = (state.calls % jnp.uint32(k)) == 0
+        if k == 1:
+            new = inner.update(state.inner, x, mask=mask, weights=weights)
+        else:
+            new = jax.lax.cond(
+                due,
+                lambda s: inner.update(s, x, mask=mask, weights=weights),
+                lambda s: s,
+                state.inner,
+            )
+        return EveryKState(new, state.calls + jnp.uint32(1))
+
+    @jax.jit
+    def merge(a: EveryKState, b: EveryKState) -> EveryKState:
+        return EveryKState(inner.merge(a.inner, b.inner), a.calls + b.calls)
+
+    def finalize(state: EveryKState):
+        return inner.finalize(state.inner)
+
+    return Estimator(init, update, merge, finalize, inner.score, spec)
+
+
+# --------------------------------------------------------------------------- monitor
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    pattern: str | tuple[str, str]
+    detectors: tuple[tuple[str | None, Estimator], ...]  # name None: a single estimator
+
+    @property
+    def pair(self) -> bool:
+        return isinstance(self.pattern, tuple)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    key: str
+    est: Estimator
+    taps: tuple[str, ...]  # one tap, or two for a pair
+    rule: int
+    detector: str | None
+
+
+def _natural_key(name: str) -> list[Any]:
+    # "blocks/10" sorts after "blocks/9": pairs of globs are zipped in this order.
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
+def _parse_config(config: Any) -> list[_Rule]:
+    items: list[tuple[Any, Any]]
+    if isinstance(config, Mapping):
+        items = list(config.items())
+    elif isinstance(config, Sequence) and not isinstance(config, str):
+        # The spec form: [{"pattern": ..., "estimator": spec} | {"pattern": ..., "estimators": {}}]
+        items = []
+        for entry in config:
+            pat = entry["pattern"]
+            pat = tuple(pat) if isinstance(pat, list) else pat
+            items.append(
+                (pat, entry["estimators"] if "estimators" in entry else entry["estimator"])
+            )
+    else:
+        raise TypeError(
+            "monitor: config must map tap patterns to estimators, e.g. "
+            f"{{'blocks/*/mlp_out': jaxmon.gaussian()}}, got {type(config).__name__}"
+        )
+    if not items:
+        raise ValueError("monitor: config is empty; map at least one tap pattern to an estimator")
+    rules = []
+    for pat, val in items:
+        if isinstance(pat, list | tuple):
+            if len(pat) != 2 or not all(isinstance(p, str) for p in pat):
+                raise ValueError(
+                    f"monitor: a pair pattern must be two tap names/globs, got {pat!r}"
+                )
+            pat = (pat[0], pat[1])
+        elif not isinstance(pat, str):
+            raise TypeError(f"monitor: a pattern must be a str or a pair of str, got {pat!r}")
+        if isinstance(val, Mapping) and "name" not in val:
+            if not val:
+                raise ValueError(f"monitor: pattern {pat!r} maps to an empty dict of detectors")
+            dets = []
+            for name, est in val.items():
+                if not isinstance(name, str) or not name or ":" in name:
+                    raise ValueError(
+                        f"monitor: detector names must be non-empty strings without ':', "
+                        f"got {name!r} for pattern {pat!r}"
+                    )
+                dets.append((name, _as_estimator(est, where=f"monitor[{pat!r}][{name!r}]")))
+            rules.append(_Rule(pat, tuple(dets)))
+        else:
+            rules.append(_Rule(pat, ((None, _as_estimator(val, where=f"monitor[{pat!r}]")),)))
+    return rules
+
+
+def _rules_spec(rules: list[_Rule]) -> list[dict[str, Any]]:
+    out = []
+    for r in rules:
+        pat = list(r.pattern) if r.pair else r.pattern
+        if r.detectors[0][0] is None:
+            out.append({"pattern": pat, "estimator": r.detectors[0][1].spec.to_dict()})
+        else:
+            out.append(
+                {"pattern": pat, "estimators": {n: e.spec.to_dict() for n, e in r.detectors}}
+            )
+    return out
+
+
+@register("monitor")
+def monitor(
+    config: Mapping[Any, Any] | Sequence[Mapping[str, Any]],
+    *,
+    stacked: Mapping[str, str] | None = None,
+) -> Estimator:
+    """One estimator over many taps: each tap matched by a pattern gets its own state.
+
+    Args:
+      config: maps a pattern to an :class:`~jaxmon.Estimator` or to a dict of named
+        estimators. A pattern is a glob over tap names (``fnmatch`` semantics, so ``*`` also
+        matches ``/``), or a pair of tap names/globs ``("blocks/3/out", "blocks/4/out")`` for
+        two-tap estimators; the matches of the two globs of a pair are sorted naturally
+        (``blocks/10`` after ``blocks/9``) and zipped, so ``("blocks/[0-2]/out",
+        "blocks/[1-3]/out")`` pairs each layer with the next.
+      stacked: declares taps that carry a leading layer axis (scan over layers): maps the
+        stacked tap's name to a per-layer name template holding ``{i}``, e.g.
+        ``{"blocks/resid": "blocks/{i}/resid"}``. Patterns, state keys and score keys then use
+        the per-layer names; the layers sharing an estimator are updated in one ``vmap``.
+
+    Returns:
+      An :class:`~jaxmon.Estimator`:
+
+      * ``init(example)`` takes ``{tap: ShapeDtypeStruct | array [..., d]}``;
+      * ``update(state, taps, *, mask=None, weights=None)``: ``mask``/``weights`` have the
+        taps' leading shape (``[batch, seq]``, padding False) and apply to every tap; taps not
+        matched by any pattern are ignored;
+      * ``merge`` and ``finalize`` map over keys; ``score(fitted, taps, *, mask=None)``
+        returns ``{key: scores[...]}``, higher = more anomalous, masked tokens 0.
+
+    Raises:
+      ValueError: a pattern matches no tap at ``init``, or two patterns produce the same key.
+      KeyError: ``update``/``score`` lack taps the state was built for (all are named).
+      ShapeError: a tap's shape does not fit its estimator (the tap is named).
+
+    Example:
+      >>> mon = jaxmon.monitor({"blocks/*/mlp_out": jaxmon.gaussian(),
+      ...                       "blocks/*/resid": {"g": jaxmon.gaussian(diagonal=True)}})
+      >>> state = mon.init({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in taps.items()})
+      >>> state = mon.update(state, taps, mask=tokens != PAD)
+    """
+    rules = _parse_config(config)
+    stacked = dict(stacked or {})
+    for src, tmpl in stacked.items():
+        if not isinstance(src, str) or not isinstance(tmpl, str) or _LAYER not in tmpl:
+            raise ValueError(
+                "monitor: stacked maps a stacked tap name to a per-layer template containing "
+                f"'{{i}}', e.g. {{'blocks/resid': 'blocks/{{i}}/resid'}}; got {src!r}: {tmpl!r}"
+            )
+    spec = EstimatorSpec(
+        "monitor",
+        {"config": _rules_spec(rules), "stacked": stacked},
+        mergeable=all(e.spec.mergeable for r in rules for _, e in r.detectors),
+    )
+    # key -> entry, filled by every plan; merge/finalize have no taps to plan from.
+    known: dict[str, _Entry] = {}
+
+    def expand(taps: Mapping[str, Any]) -> dict[str, tuple[str, int | None]]:
+        """Per-layer (virtual) tap names -> (source tap, layer index or None)."""
+        out: dict[str, tuple[str, int | None]] = {}
+        for name, x in taps.items():
+            if not isinstance(name, str):
+                raise TypeError(f"monitor: tap names must be strings, got {name!r}")
+            if name in stacked:
+                shape = getattr(x, "shape", ())
+                if len(shape) < 2:
+                    raise ShapeError(
+                        f"monitor: stacked tap {name!r} must have shape [layers, ..., d], "
+                        f"got {list(shape)}"
+                    )
+                for i in range(shape[0]):
+                    virt = stacked[name].replace(_LAYER, str(i))
+                    if virt in out:
+                        raise ValueError(f"monitor: tap name {virt!r} is produced twice")
+                    out[virt] = (name, i)
+            else:
+                if name in out:
+                    raise ValueError(f"monitor: tap name {name!r} is produced twice")
+                out[name] = (name, None)
+        return out
+
+    def plan(names: Sequence[str], *, strict: bool) -> list[_Entry]:
+        names = sorted(names, key=_natural_key)
+        entries: dict[str, _Entry] = {}
+        unmatched = []
+        for ri, rule in enumerate(rules):
+            if rule.pair:
+                pa, pb = rule.pattern
+                ma = [n for n in names if fnmatch.fnmatchcase(n, pa)]
+                mb = [n for n in names if fnmatch.fnmatchcase(n, pb)]
+                if not ma or not mb:
+                    unmatched.append(rule.pattern)
+                    continue
+                if len(ma) != len(mb):
+                    if not strict:
+                        continue
+                    raise ValueError(
+                        f"monitor: pair pattern {rule.pattern!r} matched {len(ma)} taps {ma} and "
+                        f"{len(mb)} taps {mb}; the two globs must match equally many taps, "
+                        "which are zipped in natural order"
+                    )
+                groups = [((a, b), f"{a}->{b}") for a, b in zip(ma, mb, strict=True)]
+            else:
+                m = [n for n in names if fnmatch.fnmatchcase(n, rule.pattern)]
+                if not m:
+                    unmatched.append(rule.pattern)
+                groups = [((n,), n) for n in m]
+            for taps, base in groups:
+                for det, est in rule.detectors:
+                    key = base if det is None else f"{base}:{det}"
+                    if key in entries:
+                        raise ValueError(
+                            f"monitor: tap {base!r} is matched by patterns "
+                            f"{rules[entries[key].rule].pattern!r} and {rule.pattern!r} with the "
+                            "same key; give the detectors names ({'name': estimator}) or make "
+                            "the patterns disjoint"
+                        )
+                    entries[key] = _Entry(key, est, taps, ri, det)
+        if strict and unmatched:
+            raise ValueError(
+                f"monitor: pattern(s) {unmatched} match no tap; taps available: {list(names)}"
+            )
+        known.update(entries)
+        return list(entries.values())
+
+    def lookup(key: str) -> _Entry:
+        if key in known:
+            return known[key]
+        # A state restored in a fresh process: rebuild the entry from the key alone.
+        for ri, rule in enumerate(rules):
+            for det, est in rule.detectors:
+                suffix = "" if det is None else f":{det}"
+                if not key.endswith(suffix):
+                    continue
+                base = key[: len(key) - len(suffix)] if suffix else key
+                if rule.pair:
+                    if "->" not in base:
+                        continue
+                    a, b = base.split("->", 1)
+                    if fnmatch.fnmatchcase(a, rule.pattern[0]) and fnmatch.fnmatchcase(
+                        b, rule.pattern[1]
+                    ):
+                        return _Entry(key, est, (a, b), ri, det)
+                elif fnmatch.fnmatchcase(base, rule.pattern):
+                    return _Entry(key, est, (base,), ri, det)
+        raise KeyError(f"monitor: state key {key!r} matches no pattern of this monitor")
+
+    def resolve(state_keys, taps: Mapping[str, Any], what: str):
+        """Entries for ``state_keys`` given ``taps``; raises naming missing taps."""
+        virt = expand(taps)
+        entries = {e.key: e for e in plan(list(virt), strict=False)}
+        missing_keys = [k for k in state_keys if k not in entries]
+        if missing_keys:
+            need = sorted(
+                {t for k in missing_keys for t in lookup(k).taps if t not in virt}, key=_natural_key
+            )
+            raise KeyError(
+                f"monitor.{what}: missing tap(s) {need} needed by state key(s) {missing_keys}; "
+                f"taps given: {sorted(taps, key=_natural_key)}"
+                + (f" (stacked: {stacked})" if stacked else "")
+            )
+        return virt, [entries[k] for k in state_keys]
+
+    def get(taps, virt, name):
+        src, layer = virt[name]
+        x = taps[src]
+        return x if layer is None else x[layer]
+
+    def groups_of(entries, virt):
+        """Splits entries into vmappable stacked groups and the rest."""
+        grouped: dict[tuple[str, int, str | None], list[tuple[_Entry, int]]] = {}
+        rest = []
+        for e in entries:
+            if len(e.taps) == 1 and virt[e.taps[0]][1] is not None:
+                src, layer = virt[e.taps[0]]
+                grouped.setdefault((src, e.rule, e.detector), []).append((e, layer))
+            else:
+                rest.append(e)
+        singles = []
+        for members in grouped.values():
+            if len(members) == 1:
+                rest.append(members[0][0])
+            else:
+                singles.append(members)
+        return singles, rest
+
+    def tap_error(e: _Entry, err: ShapeError, taps, virt) -> ShapeError:
+        shapes = {t: list(get(taps, virt, t).shape) for t in e.taps}
+        return ShapeError(f"monitor: tap(s) {shapes} for key {e.key!r}: {err}")
+
+    def layer_slice(x, layers):
+        if list(layers) == list(range(x.shape[0])):
+            return x
+        return x[jnp.asarray(layers)]
+
+    def stack(trees):
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+    def tap_x(e: _Entry, taps, virt):
+        xs = tuple(get(taps, virt, t) for t in e.taps)
+        return xs[0] if len(xs) == 1 else xs
+
+    def init(example: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(example, Mapping):
+            raise TypeError(
+                "monitor.init expects a dict {tap_name: ShapeDtypeStruct | array}, got "
+                f"{type(example).__name__}"
+            )
+        virt = expand(example)
+        out = {}
+        for e in plan(list(virt), strict=True):
+            xs = []
+            for t in e.taps:
+                src, layer = virt[t]
+                x = example[src]
+                shape = tuple(x.shape) if layer is None else tuple(x.shape[1:])
+                xs.append(jax.ShapeDtypeStruct(shape, x.dtype))
+            try:
+                out[e.key] = e.est.init(xs[0] if len(xs) == 1 else tuple(xs))
+            except ShapeError as err:
+                shapes = {t: list(x.shape) for t, x in zip(e.taps, xs, strict=True)}
+                raise ShapeError(
+                    f"monitor.init: tap(s) {shapes} for key {e.key!r}: {err}"
+                ) from None
+        return out
+
+    def update(state: dict[str, Any], taps: Mapping[str, Any], *, mask=None, weights=None):
+        virt, entries = resolve(list(state), taps, "update")
+        new = dict(state)
+        singles, rest = groups_of(entries, virt)
+        for members in singles:
+            e0 = members[0][0]
+            src = virt[e0.taps[0]][0]
+            layers = [layer for _, layer in members]
+            xs = layer_slice(taps[src], layers)
+            st = stack([state[e.key] for e, _ in members])
+            try:
+                st = jax.vmap(
+                    lambda s, x, est=e0.est: est.update(s, x, mask=mask, weights=weights)
+                )(st, xs)
+            except ShapeError as err:
+                raise ShapeError(
+                    f"monitor: stacked tap {src!r} of shape {list(taps[src].shape)} (layers "
+                    f"{layers}, keys {[e.key for e, _ in members]}): {err}"
+                ) from None
+            for j, (e, _) in enumerate(members):
+                new[e.key] = jax.tree.map(lambda leaf, j=j: leaf[j], st)
+        for e in rest:
+            try:
+                new[e.key] = e.est.update(
+                    state[e.key], tap_x(e, taps, virt), mask=mask, weights=weights
+                )
+            except ShapeError as err:
+                raise tap_error(e, err, taps, virt) from None
+        return new
+
+    def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        if set(a) != set(b):
+            raise ValueError(
+                "monitor.merge: the states cover different keys: only in the first "
+                f"{sorted(set(a) - set(b))}, only in the second {sorted(set(b) - set(a))}"
+            )
+        return {k: lookup(k).est.merge(a[k], b[k]) for k in a}
+
+    def finalize(state: dict[str, Any]) -> dict[str, Any]:
+        return {k: lookup(k).est.finalize(v) for k, v in state.items()}
+
+    def score(fitted: dict[str, Any], taps: Mapping[str, Any], *, mask=None) -> dict[str, Any]:
+        virt, entries = resolve(list(fitted), taps, "score")
+        out = {}
+        singles, rest = groups_of(entries, virt)
+        for members in singles:
+            e0 = members[0][0]
+            src = virt[e0.taps[0]][0]
+            layers = [layer for _, layer in members]
+            xs = layer_slice(taps[src], layers)
+            ft = stack([fitted[e.key] for e, _ in members])
+            try:
+                sc = jax.vmap(lambda f, x, est=e0.est: est.score(f, x, mask=mask))(ft, xs)
+            except ShapeError as err:
+                raise ShapeError(
+                    f"monitor: stacked tap {src!r} of shape {list(taps[src].shape)} (layers "
+                    f"{layers}): {err}"
+                ) from None
+            for j, (e, _) in enumerate(members):
+                out[e.key] = sc[j]
+        for e in rest:
+            try:
+                out[e.key] = e.est.score(fitted[e.key], tap_x(e, taps, virt), mask=mask)
+            except ShapeError as err:
+                raise tap_error(e, err, taps, virt) from None
+        return out
+
+    return Estimator(init, jax.jit(update), jax.jit(merge), jax.jit(finalize), jax.jit(score), spec)

@@ -1,0 +1,272 @@
+"""Monitors over taps and every_k, against float64 numpy on the same activations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmon
+from jaxmon._base import Estimator, EstimatorSpec, register
+
+from laws import LawCase, LawSuite, leaves_close, normal_rows
+
+
+def _inner_close(est, a, b):
+    """every_k's call counter counts update calls, not rows: a stream split in three and merged
+    has seen three calls where one pass saw one. The summary of the rows (``inner``) is what
+    must agree; the counter is checked in test_every_k_updates_on_every_kth_call."""
+    leaves_close(a.inner, b.inner, rtol=1e-4, atol=1e-4)
+
+
+class TestEveryK1Laws(LawSuite):
+    """every_k(est, 1) must obey every law of its inner estimator."""
+
+    case = LawCase(
+        make=lambda: jaxmon.every_k(jaxmon.gaussian(), 1), weights=True, compare=_inner_close
+    )
+
+
+@register("_test_concat_pair")
+def _concat_pair() -> Estimator:
+    """A test-only two-tap estimator: a Gaussian over the concatenation [x_a, x_b]."""
+    g = jaxmon.gaussian()
+
+    def cat(x):
+        assert isinstance(x, tuple) and len(x) == 2, "pair estimators receive (x_a, x_b)"
+        a, b = x
+        if isinstance(a, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((*a.shape[:-1], a.shape[-1] + b.shape[-1]), a.dtype)
+        return jnp.concatenate([a, b], axis=-1)
+
+    return Estimator(
+        lambda ex: g.init(cat(ex)),
+        lambda s, x, *, mask=None, weights=None: g.update(s, cat(x), mask=mask, weights=weights),
+        g.merge,
+        g.finalize,
+        lambda f, x, *, mask=None: g.score(f, cat(x), mask=mask),
+        EstimatorSpec("_test_concat_pair", {}),
+    )
+
+
+def _taps(rng, b=3, s=5, d=4, layers=3):
+    out = {}
+    for i in range(layers):
+        out[f"blocks/{i}/resid"] = normal_rows(rng, b * s, d).reshape(b, s, d) * (i + 1)
+        out[f"blocks/{i}/mlp_out"] = normal_rows(rng, b * s, d + 1).reshape(b, s, d + 1) - i
+    out["embed"] = normal_rows(rng, b * s, 2).reshape(b, s, 2)
+    return {k: jnp.asarray(v) for k, v in out.items()}
+
+
+def _example(taps):
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in taps.items()}
+
+
+def _np_moments(rows):
+    rows = np.asarray(rows, np.float64)
+    mean = rows.mean(0)
+    return mean, np.cov(rows, rowvar=False, bias=True)
+
+
+def test_glob_monitor_matches_numpy_per_tap_with_mask():
+    rng = np.random.default_rng(0)
+    mon = jaxmon.monitor({"blocks/*/mlp_out": jaxmon.gaussian(), "embed": jaxmon.gaussian()})
+    batches = [_taps(rng) for _ in range(3)]
+    masks = [jnp.asarray(rng.random((3, 5)) < 0.7) for _ in batches]
+    state = mon.init(_example(batches[0]))
+    assert sorted(state) == ["blocks/0/mlp_out", "blocks/1/mlp_out", "blocks/2/mlp_out", "embed"]
+    for t, m in zip(batches, masks, strict=True):
+        # Padding filled with garbage that would dominate any statistic if it leaked in.
+        t = {k: jnp.where(m[..., None], v, 1e4) for k, v in t.items()}
+        state = mon.update(state, t, mask=m)
+    fitted = mon.finalize(state)
+    for key in state:
+        rows = np.concatenate(
+            [np.asarray(t[key])[np.asarray(m)] for t, m in zip(batches, masks, strict=True)]
+        )
+        mean, cov = _np_moments(rows)
+        np.testing.assert_allclose(np.asarray(fitted[key].mean), mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(fitted[key].covariance), cov, rtol=1e-4, atol=1e-4)
+    assert jaxmon.num_rows(state) == {
+        f"['{k}'].counts": int(sum(np.asarray(m).sum() for m in masks)) for k in state
+    }
+    scores = mon.score(fitted, batches[0], mask=masks[0])
+    assert set(scores) == set(state) and scores["embed"].shape == (3, 5)
+    assert np.all(np.asarray(scores["embed"])[~np.asarray(masks[0])] == 0)
+    direct = jaxmon.gaussian().score(fitted["embed"], batches[0]["embed"], mask=masks[0])
+    np.testing.assert_allclose(np.asarray(scores["embed"]), np.asarray(direct), rtol=1e-6)
+
+
+def test_named_detectors_and_pair_keys_and_spec_round_trip():
+    rng = np.random.default_rng(1)
+    mon = jaxmon.monitor(
+        {
+            "blocks/*/resid": {"full": jaxmon.gaussian(), "diag": jaxmon.gaussian(diagonal=True)},
+            ("blocks/[0-1]/resid", "blocks/[1-2]/resid"): _concat_pair(),
+        }
+    )
+    taps = _taps(rng)
+    state = mon.update(mon.init(_example(taps)), taps)
+    assert sorted(state) == sorted(
+        [f"blocks/{i}/resid:{d}" for i in range(3) for d in ("full", "diag")]
+        + ["blocks/0/resid->blocks/1/resid", "blocks/1/resid->blocks/2/resid"]
+    )
+    pair = np.concatenate(
+        [np.asarray(taps["blocks/1/resid"]), np.asarray(taps["blocks/2/resid"])], -1
+    )
+    mean, cov = _np_moments(pair.reshape(-1, 8))
+    f = mon.finalize(state)
+    np.testing.assert_allclose(
+        np.asarray(f["blocks/1/resid->blocks/2/resid"].mean), mean, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(f["blocks/1/resid->blocks/2/resid"].covariance), cov, rtol=1e-4, atol=1e-4
+    )
+    assert f["blocks/0/resid:diag"].covariance.shape == (4,)
+    rebuilt = jaxmon.from_spec(mon.spec.to_json())
+    assert rebuilt.spec == mon.spec
+    # A fresh monitor (no init in this process) merges and finalizes by key alone.
+    leaves_close(
+        rebuilt.finalize(rebuilt.merge(state, state)),
+        mon.finalize(mon.merge(state, state)),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    s1, s2 = mon.score(f, taps), rebuilt.score(f, taps)
+    leaves_close(s1, s2, rtol=1e-6, atol=1e-6)
+
+
+def test_stacked_taps_equal_unstacked_per_layer_states():
+    rng = np.random.default_rng(2)
+    taps = _taps(rng)
+    layered = {k: v for k, v in taps.items() if k.endswith("resid")}
+    stacked_taps = {"blocks/resid": jnp.stack([layered[f"blocks/{i}/resid"] for i in range(3)])}
+    mask = jnp.asarray(rng.random((3, 5)) < 0.6)
+    plain = jaxmon.monitor({"blocks/*/resid": jaxmon.gaussian()})
+    stk = jaxmon.monitor(
+        {"blocks/*/resid": jaxmon.gaussian()}, stacked={"blocks/resid": "blocks/{i}/resid"}
+    )
+    sp = plain.update(plain.init(_example(layered)), layered, mask=mask)
+    ss = stk.update(stk.init(_example(stacked_taps)), stacked_taps, mask=mask)
+    assert sorted(ss) == ["blocks/0/resid", "blocks/1/resid", "blocks/2/resid"]
+    leaves_close(ss, sp, rtol=1e-6, atol=1e-6)
+    # A pattern selecting some layers only, and pairs across layers of one stacked tap.
+    sel = jaxmon.monitor(
+        {
+            "blocks/[02]/resid": jaxmon.gaussian(),
+            ("blocks/0/resid", "blocks/2/resid"): _concat_pair(),
+        },
+        stacked={"blocks/resid": "blocks/{i}/resid"},
+    )
+    s_sel = sel.update(sel.init(_example(stacked_taps)), stacked_taps, mask=mask)
+    leaves_close(s_sel["blocks/2/resid"], sp["blocks/2/resid"], rtol=1e-6, atol=1e-6)
+    pair = np.concatenate(
+        [np.asarray(layered["blocks/0/resid"]), np.asarray(layered["blocks/2/resid"])], -1
+    )
+    mean, _ = _np_moments(pair[np.asarray(mask)])
+    np.testing.assert_allclose(
+        np.asarray(s_sel["blocks/0/resid->blocks/2/resid"].mean), mean, rtol=1e-5
+    )
+    fp, fs = plain.finalize(sp), stk.finalize(ss)
+    leaves_close(
+        stk.score(fs, stacked_taps, mask=mask),
+        plain.score(fp, layered, mask=mask),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_errors_name_the_tap():
+    rng = np.random.default_rng(3)
+    taps = _taps(rng)
+    mon = jaxmon.monitor({"blocks/*/mlp_out": jaxmon.gaussian()})
+    state = mon.init(_example(taps))
+    bad = dict(taps, **{"blocks/1/mlp_out": jnp.zeros((3, 5, 7), jnp.float32)})
+    with pytest.raises(jaxmon.ShapeError, match=r"blocks/1/mlp_out.*\[\.\.\., 5\]"):
+        mon.update(state, bad)
+    missing = {k: v for k, v in taps.items() if k != "blocks/2/mlp_out"}
+    with pytest.raises(KeyError, match="blocks/2/mlp_out"):
+        mon.update(state, missing)
+    with pytest.raises(ValueError, match=r"nope.*match no tap"):
+        jaxmon.monitor({"nope/*": jaxmon.gaussian()}).init(_example(taps))
+    with pytest.raises(ValueError, match="same key"):
+        jaxmon.monitor({"blocks/*": jaxmon.gaussian(), "*/mlp_out": jaxmon.gaussian()}).init(
+            _example(taps)
+        )
+    stk = jaxmon.monitor({"b/*/r": jaxmon.gaussian()}, stacked={"r": "b/{i}/r"})
+    st = stk.init({"r": jax.ShapeDtypeStruct((2, 4, 3), jnp.float32)})
+    with pytest.raises(jaxmon.ShapeError, match=r"stacked tap 'r'.*\[\.\.\., 3\]"):
+        stk.update(st, {"r": jnp.zeros((2, 4, 6), jnp.float32)})
+    with pytest.raises(TypeError, match="factory"):
+        jaxmon.monitor({"x": jaxmon.gaussian})
+
+
+def test_monitor_in_jitted_train_step_compiles_once():
+    rng = np.random.default_rng(4)
+    w = jnp.asarray(rng.standard_normal((4, 4)), jnp.float32)
+    mon = jaxmon.monitor({"h": jaxmon.gaussian()})
+    traces = []
+
+    @jax.jit
+    def step(w, mstate, x, mask):
+        traces.append(1)
+
+        def loss(w):
+            h = jnp.tanh(x @ w)
+            return jnp.mean(jnp.where(mask[..., None], h, 0.0) ** 2), h
+
+        (lo, h), g = jax.value_and_grad(loss, has_aux=True)(w)
+        return w - 0.1 * g, mon.update(mstate, {"h": h}, mask=mask), lo
+
+    mstate = mon.init({"h": jax.ShapeDtypeStruct((2, 6, 4), jnp.float32)})
+    hs = []
+    for _ in range(4):
+        x = jnp.asarray(normal_rows(rng, 12, 4).reshape(2, 6, 4))
+        mask = jnp.asarray(rng.random((2, 6)) < 0.8)
+        hs.append(np.tanh(np.asarray(x, np.float64) @ np.asarray(w, np.float64))[np.asarray(mask)])
+        w, mstate, _ = step(w, mstate, x, mask)
+    assert len(traces) == 1
+    mean, cov = _np_moments(np.concatenate(hs))
+    f = mon.finalize(mstate)["h"]
+    np.testing.assert_allclose(np.asarray(f.mean), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(f.covariance), cov, rtol=1e-3, atol=1e-5)
+
+
+def test_every_k_updates_on_every_kth_call():
+    rng = np.random.default_rng(5)
+    g = jaxmon.gaussian()
+    est = jaxmon.every_k(g, 3)
+    xs = [jnp.asarray(normal_rows(rng, 8, 3)) for _ in range(7)]
+    s = est.init(jax.ShapeDtypeStruct((3,), jnp.float32))
+    step = jax.jit(est.update)
+    for x in xs:
+        s = step(s, x)
+    assert int(s.calls) == 7
+    ref = g.init(jax.ShapeDtypeStruct((3,), jnp.float32))
+    for x in (xs[0], xs[3], xs[6]):
+        ref = g.update(ref, x)
+    leaves_close(s.inner, ref, rtol=1e-6, atol=1e-6)
+    assert jaxmon.num_rows(s) == 24
+    rebuilt = jaxmon.from_spec(est.spec.to_json())
+    assert rebuilt.spec == est.spec
+    # every_k of a monitor (the training use), and a monitor of every_k, round trip too.
+    mon = jaxmon.every_k(jaxmon.monitor({"a/*": {"g": jaxmon.gaussian()}}), 2)
+    assert jaxmon.from_spec(mon.spec.to_json()).spec == mon.spec
+    with pytest.raises(ValueError, match="k must be"):
+        jaxmon.every_k(g, 0)
+
+
+def test_monitor_merge_laws():
+    """The law suite's merge laws on dict states (the suite itself takes arrays)."""
+    rng = np.random.default_rng(6)
+    mon = jaxmon.monitor({"*": jaxmon.gaussian()})
+    batches = [_taps(rng, layers=2) for _ in range(3)]
+    e = mon.init(_example(batches[0]))
+    a, b, c = (mon.update(e, t) for t in batches)
+    leaves_close(mon.merge(e, a), a, rtol=0, atol=0)
+    leaves_close(mon.merge(mon.merge(a, b), c), mon.merge(a, mon.merge(b, c)), rtol=1e-5, atol=1e-5)
+    leaves_close(mon.merge(a, b), mon.merge(b, a), rtol=1e-6, atol=1e-6)
+    whole = {k: jnp.concatenate([t[k] for t in batches], 0) for k in batches[0]}
+    leaves_close(mon.update(e, whole), mon.merge(mon.merge(a, b), c), rtol=1e-4, atol=1e-4)
+    s = mon.update(a, batches[1])
+    for u, v in zip(jax.tree.leaves(s), jax.tree.leaves(e), strict=True):
+        assert (u.shape, u.dtype) == (v.shape, v.dtype)
