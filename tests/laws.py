@@ -76,7 +76,8 @@ class LawCase:
         documented bound, or compare fitted values.
       exact_merge: merge with ``init`` and commutation are bit-exact.
       weights: the estimator accepts ``weights=``.
-      bf16_rtol, bf16_atol: tolerance for bf16 input against its float32 upcast.
+      bf16_rtol, bf16_atol: tolerance of scores after bf16 input against its float32 upcast
+        (``bf16_atol`` is relative to the median absolute score).
     """
 
     make: Callable[[], jaxmon.Estimator]
@@ -89,9 +90,9 @@ class LawCase:
     compare: Callable[[jaxmon.Estimator, Any, Any], None] | None = None
     exact_merge: bool = False
     weights: bool = False
-    # Centring in bf16 rounds each centred value by up to 2^-9: sums move by ~0.5%.
-    bf16_rtol: float = 1e-2
-    bf16_atol: float = 0.5
+    # Centring in bf16 rounds each centred value by up to 2^-9 relative: scores move by ~1%.
+    bf16_rtol: float = 3e-2
+    bf16_atol: float = 3e-2
 
 
 class LawSuite:
@@ -193,11 +194,19 @@ class LawSuite:
                 assert bool(jnp.all(jnp.isfinite(leaf))), "a non-finite row leaked into the state"
 
     def test_bf16_input_equals_its_float32_upcast(self):
+        # States are compared through what they are for, their scores: raw power sums near zero
+        # (odd moments) legitimately differ in relative terms when bf16 rows are centred in bf16.
         est = self.est
-        xb = jnp.asarray(self.data(8), jnp.bfloat16)
+        c = self.case
+        xb = jnp.asarray(self.data(8, 4 * c.n), jnp.bfloat16)
         sb = est.update(self.empty(est, jnp.bfloat16), xb)
         sf = est.update(self.empty(est), xb.astype(jnp.float32))
-        self.same(est, sb, sf, rtol=self.case.bf16_rtol, atol=self.case.bf16_atol)
+        assert jaxmon.num_rows(sb) == jaxmon.num_rows(sf)
+        q = jnp.asarray(self.data(18))
+        got = np.asarray(est.score(est.finalize(sb), q))
+        want = np.asarray(est.score(est.finalize(sf), q))
+        scale = np.median(np.abs(want)) + 1e-12
+        np.testing.assert_allclose(got, want, rtol=c.bf16_rtol, atol=c.bf16_atol * scale)
 
     def test_jit_equals_eager(self):
         est = self.est

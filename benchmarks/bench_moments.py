@@ -1,0 +1,124 @@
+"""Moments update throughput: jaxmon.gaussian().update against numpy, PyTorch and scikit-learn.
+
+Streams ``--rows`` rows at each d through each implementation in alternating rounds and prints
+rows/s, jaxmon's speed ratio against each peer (>1 = jaxmon faster) and the fraction of this
+machine's measured matmul peak (counting the Gram product as 2·n·d² flops).
+
+    python benchmarks/bench_moments.py            # 262,144 rows, d in {768, 1024}
+    python benchmarks/bench_moments.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _common import alternating, machine, matmul_peak, ratio
+
+import jaxmon
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rows", type=int, default=262_144)
+    p.add_argument("--batch", type=int, default=8192)
+    p.add_argument("--dims", type=int, nargs="+", default=[768, 1024])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    if a.quick:
+        a.rows, a.dims, a.rounds = 16_384, [256], 2
+    try:
+        import torch
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    except ImportError:
+        torch = None
+    from sklearn.decomposition import IncrementalPCA
+
+    peak32 = matmul_peak(jnp.float32)
+    peak16 = matmul_peak(jnp.bfloat16)
+    print(machine())
+    print(f"measured matmul peak: f32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
+    print(f"{a.rows:,} rows per pass, batches of {a.batch}, {a.rounds} alternating rounds\n")
+    hdr = f"{'d':>5} {'input':>5} {'impl':<28} {'rows/s':>12} {'jaxmon ×':>9} {'% peak':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    rng = np.random.default_rng(0)
+    nb = a.rows // a.batch
+    for d in a.dims:
+        base = rng.standard_normal((a.batch, d)).astype(np.float32) + 3.0
+        np_batches = [base + np.float32(i * 1e-3) for i in range(nb)]
+        for dtype in (jnp.float32, jnp.bfloat16):
+            name = "f32" if dtype == jnp.float32 else "bf16"
+            est = jaxmon.gaussian()
+            jb = [jnp.asarray(b, dtype) for b in np_batches]
+
+            def run_jaxmon(est=est, jb=jb, dtype=dtype, d=d):
+                s = est.init(jax.ShapeDtypeStruct((d,), dtype))
+                for b in jb:
+                    s = est.update(s, b)
+                return s
+
+            impls = {"jaxmon gaussian().update": run_jaxmon}
+            if dtype == jnp.float32:
+
+                def run_numpy(npb=np_batches, d=d):
+                    acc = np.zeros((d, d), np.float32)
+                    for b in npb:
+                        acc += b.T @ b
+                    return acc
+
+                impls["numpy acc += X.T @ X"] = run_numpy
+            if torch is not None:
+                tdt = torch.float32 if dtype == jnp.float32 else torch.bfloat16
+                tb = [torch.from_numpy(b).to(tdt) for b in np_batches]
+
+                def run_torch(tb=tb, tdt=tdt, d=d):
+                    acc = torch.zeros((d, d), dtype=tdt)
+                    for b in tb:
+                        acc.addmm_(b.T, b)
+                    return acc
+
+                impls[f"torch addmm_ ({name})"] = run_torch
+            times = alternating(impls, a.rounds)
+            if dtype == jnp.float32:
+                ipca_b = np_batches[: max(2, nb // 8)]  # SVD per batch: far slower, fewer rows
+
+                def run_ipca(ipca_b=ipca_b):
+                    m = IncrementalPCA(n_components=min(64, d))
+                    for b in ipca_b:
+                        m.partial_fit(b)
+                    return m
+
+                t_ipca = alternating({"ipca": run_ipca}, 1)["ipca"]
+            peak = peak32 if dtype == jnp.float32 else peak16
+            jt = statistics.median(times["jaxmon gaussian().update"])
+            for k, ts in times.items():
+                t = statistics.median(ts)
+                gf = 2 * a.rows * d * d / t / 1e9
+                r = (
+                    ""
+                    if k.startswith("jaxmon")
+                    else f"{ratio(times, 'jaxmon gaussian().update', k):9.2f}"
+                )
+                print(
+                    f"{d:>5} {name:>5} {k:<28} {a.rows / t:12,.0f} {r:>9} {100 * gf / peak:6.0f}%"
+                )
+            if dtype == jnp.float32:
+                n_ipca = len(ipca_b) * a.batch
+                rps = n_ipca / statistics.median(t_ipca)
+                print(
+                    f"{d:>5} {name:>5} {'sklearn IncrementalPCA':<28} {rps:12,.0f} "
+                    f"{(a.rows / jt) / rps:9.2f} {'':>7}"
+                )
+    print("\n'jaxmon ×' = peer time / jaxmon time (median over rounds); jaxmon's update also")
+    print("computes the mean, the Chan merge and the Ledoit-Wolf fourth-moment sums.")
+
+
+if __name__ == "__main__":
+    main()
