@@ -1,3 +1,370 @@
-"""Calibration, thresholds and p-value combination (issue 3): being built."""
+"""Calibration: raw scores to p-values and thresholds, and p-values of many taps combined.
 
-__all__: list[str] = []
+A raw score (a Mahalanobis distance, a kNN distance, a monitor's per-tap scores) means nothing
+until it is compared with the scores of trusted data. :func:`calibrated` wraps any estimator
+(a single detector or a whole monitor, whose scores are a dict keyed by tap) and learns, from
+held-out trusted rows, a quantile sketch of its scores (:func:`jaxmon.quantiles`, one per score
+leaf). Then
+
+* ``score`` returns ``-log10 p`` (higher = more anomalous), with the conformal p-value
+  ``p = (1 + #{calibration scores >= s}) / (1 + n)``: under exchangeability with the held-out
+  rows, ``P(p <= a) <= a``, so a calibrated score of 2 means "rarer than 1 in 100 trusted rows";
+* :func:`p_values` returns those p-values and :func:`threshold` the raw-score threshold for a
+  target false-positive rate;
+* :func:`combine` merges the p-values of many taps into one p-value (Fisher, or min-p with
+  Bonferroni or Šidák/Tippett), whose ``-log10`` is one calibrated score per row.
+
+The two-pass protocol
+---------------------
+The calibrated estimator is an ordinary :class:`~jaxmon.Estimator` whose state carries a phase:
+
+1. **fit** (phase 0): ``update`` folds rows into the inner estimator's state, exactly as the
+   inner ``update`` would. Merge replicas as usual.
+2. ``state = jaxmon.begin_calibration(cal, state)`` finalizes the inner state once, stores the
+   fitted value in the state and switches to phase 1. Merge all replicas of phase 0 *before*
+   this step: every replica must start phase 1 from the same fitted value.
+3. **calibrate** (phase 1): ``update`` scores *held-out* trusted rows with the stored fitted
+   value and folds the scores into the sketches (the inner state is frozen). ``merge`` adds the
+   sketches exactly, so this pass shards and checkpoints like any other.
+4. ``fitted = cal.finalize(state)``; ``cal.score``, :func:`p_values`, :func:`threshold`.
+
+The same jitted ``update`` serves both passes (the phase is data, not structure: no retrace).
+Rows of the fitting pass must not be reused for calibration: their scores are optimistically
+small and the p-values would be anti-conservative.
+
+The state holds the inner state, the inner fitted value and one sketch per score leaf
+(``2^(9+m)`` buckets, 256 KiB at the default accuracy), so it is about twice the inner state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxmon._base import Estimator, EstimatorSpec, ShapeError, from_spec, register
+from jaxmon.estimators.quantiles import (
+    QuantilesFitted,
+    QuantilesState,
+    quantile,
+    quantiles,
+    upper_tail,
+)
+
+__all__ = [
+    "calibrated",
+    "begin_calibration",
+    "p_values",
+    "threshold",
+    "combine",
+    "CalibratedState",
+    "CalibratedFitted",
+]
+
+_SCALAR = jax.ShapeDtypeStruct((), jnp.float32)
+# calibrated(...) builds its inner estimator once; begin_calibration finds it here by spec.
+_INNER: dict[str, Estimator] = {}
+
+
+class CalibratedState(NamedTuple):
+    """State of :func:`calibrated` (see the module docstring for the two phases)."""
+
+    inner: Any  # the wrapped estimator's state: updated in phase 0, frozen in phase 1
+    fitted: Any  # inner.finalize(inner), set by begin_calibration (zeros in phase 0)
+    scores: Any  # pytree like the inner scores, of QuantilesState: held-out scores (phase 1)
+    phase: jax.Array  # shape=(), dtype=int32: 0 = fitting, 1 = calibrating
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["inner", "scores"], meta_fields=["spec"]
+)
+@dataclasses.dataclass(frozen=True)
+class CalibratedFitted:
+    """Fitted value of :func:`calibrated`: the inner fitted value and the score sketches.
+
+    ``spec`` (static pytree metadata, the calibrated estimator's JSON spec) lets
+    :func:`p_values` find the inner ``score`` with no estimator in hand.
+    """
+
+    inner: Any  # the wrapped estimator's fitted value
+    scores: Any  # pytree like the inner scores, of QuantilesFitted
+    spec: str  # static: the calibrated estimator's spec JSON
+
+
+def _is_sketch(x) -> bool:
+    return isinstance(x, QuantilesState | QuantilesFitted)
+
+
+def _leaf_masks(scores: Any, mask: Any, *, what: str) -> list[Any]:
+    """One mask per score leaf (flattened order): None, a shared array, or a matching tree."""
+    leaves = jax.tree.leaves(scores)
+    if mask is None:
+        return [None] * len(leaves)
+    if hasattr(mask, "shape"):
+        m = jnp.asarray(mask).astype(bool)
+        for s in leaves:
+            if tuple(s.shape) != tuple(m.shape):
+                raise ShapeError(
+                    f"calibrated.{what}: mask of shape {list(m.shape)} does not match a score of "
+                    f"shape {list(s.shape)}; give the mask the rows' leading shape"
+                )
+        return [m] * len(leaves)
+    masks = jax.tree.leaves(mask)
+    if len(masks) != len(leaves):
+        raise ShapeError(
+            f"calibrated.{what}: a mask tree must match the scores' structure "
+            f"{jax.tree.structure(scores)}, got {jax.tree.structure(mask)}"
+        )
+    return [jnp.asarray(mk).astype(bool) for mk in masks]
+
+
+def _p_values_of(inner: Estimator, fitted: CalibratedFitted, x, mask) -> Any:
+    s = inner.score(fitted.inner, x, mask=mask)
+    leaves, treedef = jax.tree.flatten(s)
+    sketches = jax.tree.leaves(fitted.scores, is_leaf=_is_sketch)
+    masks = _leaf_masks(s, mask, what="p_values")
+    out = []
+    for sk, sc, mk in zip(sketches, leaves, masks, strict=True):
+        pv = upper_tail(sk, sc)
+        out.append(pv if mk is None else jnp.where(mk, pv, jnp.ones((), pv.dtype)))
+    return jax.tree.unflatten(treedef, out)
+
+
+@register("calibrated")
+def calibrated(
+    estimator: Estimator | Mapping[str, Any], *, relative_accuracy: float = 0.01
+) -> Estimator:
+    """Wraps ``estimator`` so that its scores become calibrated p-values (two passes).
+
+    Args:
+      estimator: any :class:`~jaxmon.Estimator` (or its spec dict), including a monitor whose
+        scores are a dict keyed by tap.
+      relative_accuracy: of the score sketches (:func:`jaxmon.quantiles`): thresholds are within
+        this relative error of the exact empirical quantile of the held-out scores.
+
+    Returns:
+      An :class:`~jaxmon.Estimator` with a :class:`CalibratedState` and a
+      :class:`CalibratedFitted`. ``score(fitted, x, *, mask=None)`` returns, with the inner
+      scores' structure, ``-log10`` of the conformal upper-tail p-value (higher = more
+      anomalous; masked rows 0).
+
+    Example:
+      >>> cal = jaxmon.calibrated(jaxmon.gaussian(shrinkage="ledoit_wolf"))
+      >>> s = cal.update(cal.init(example), trusted_fit)          # pass 1
+      >>> s = jaxmon.begin_calibration(cal, s)
+      >>> s = cal.update(s, trusted_heldout)                      # pass 2
+      >>> fitted = cal.finalize(s)
+      >>> t = jaxmon.threshold(fitted, fpr=0.01)                  # raw-score threshold
+      >>> flags = cal.score(fitted, x) >= 2.0                     # p <= 0.01
+    """
+    if isinstance(estimator, Estimator):
+        inner = estimator
+    elif isinstance(estimator, Mapping | str | EstimatorSpec):
+        inner = from_spec(estimator)
+    else:
+        raise TypeError(
+            f"calibrated: expected a jaxmon Estimator (e.g. jaxmon.gaussian()), got "
+            f"{type(estimator).__name__}; did you pass the factory instead of calling it?"
+        )
+    sketch = quantiles(relative_accuracy=relative_accuracy)
+    spec = EstimatorSpec(
+        "calibrated",
+        {"estimator": inner.spec.to_dict(), "relative_accuracy": float(relative_accuracy)},
+        mergeable=inner.spec.mergeable,
+    )
+    spec_json = spec.to_json()
+    _INNER.setdefault(spec_json, inner)
+
+    def init(example) -> CalibratedState:
+        inner_state = inner.init(example)
+        fitted_shape = jax.eval_shape(inner.finalize, inner_state)
+        score_shape = jax.eval_shape(inner.score, fitted_shape, example)
+        fitted = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), fitted_shape)
+        scores = jax.tree.map(lambda _: sketch.init(_SCALAR), score_shape)
+        return CalibratedState(inner_state, fitted, scores, jnp.zeros((), jnp.int32))
+
+    def fold_scores(sketches, fitted, x, mask, weights):
+        s = inner.score(fitted, x, mask=mask)
+        leaves = jax.tree.leaves(s)
+        sks, treedef = jax.tree.flatten(sketches, is_leaf=_is_sketch)
+        masks = _leaf_masks(s, mask, what="update")
+        # Rows whose inner score is NaN/inf (a NaN input row) are excluded and counted here.
+        new = [
+            sketch.update(sk, sc, mask=mk, weights=weights)
+            for sk, sc, mk in zip(sks, leaves, masks, strict=True)
+        ]
+        return jax.tree.unflatten(treedef, new)
+
+    @jax.jit
+    def update(state: CalibratedState, x, *, mask=None, weights=None) -> CalibratedState:
+        def fit(st: CalibratedState) -> CalibratedState:
+            return st._replace(inner=inner.update(st.inner, x, mask=mask, weights=weights))
+
+        def calibrate(st: CalibratedState) -> CalibratedState:
+            return st._replace(scores=fold_scores(st.scores, st.fitted, x, mask, weights))
+
+        return jax.lax.cond(state.phase == 0, fit, calibrate, state)
+
+    @jax.jit
+    def merge(a: CalibratedState, b: CalibratedState) -> CalibratedState:
+        both_fitting = (a.phase == 0) & (b.phase == 0)
+        take_a = a.phase >= b.phase
+        merged = inner.merge(a.inner, b.inner)
+        pick = lambda u, v: jnp.where(take_a, u, v)
+        # Phase 1 states share one inner state and fitted value (begin_calibration of one
+        # merged state); only their sketches hold different rows.
+        inner_state = jax.tree.map(
+            lambda m, u, v: jnp.where(both_fitting, m, pick(u, v)), merged, a.inner, b.inner
+        )
+        fitted = jax.tree.map(pick, a.fitted, b.fitted)
+        scores = jax.tree.map(sketch.merge, a.scores, b.scores, is_leaf=_is_sketch)
+        return CalibratedState(inner_state, fitted, scores, jnp.maximum(a.phase, b.phase))
+
+    @jax.jit
+    def _finalize(state: CalibratedState) -> CalibratedFitted:
+        return CalibratedFitted(
+            state.fitted, jax.tree.map(sketch.finalize, state.scores, is_leaf=_is_sketch), spec_json
+        )
+
+    def finalize(state: CalibratedState) -> CalibratedFitted:
+        if not isinstance(state.phase, jax.core.Tracer) and int(state.phase) == 0:
+            raise ValueError(
+                "calibrated.finalize: the state is still in the fitting pass; call "
+                "state = jaxmon.begin_calibration(cal, state), then update with held-out "
+                "trusted rows, then finalize"
+            )
+        return _finalize(state)
+
+    @jax.jit
+    def score(fitted: CalibratedFitted, x, *, mask=None):
+        p = _p_values_of(inner, fitted, x, mask)
+        # p = 1 on masked rows, so their calibrated score is exactly 0.
+        return jax.tree.map(lambda pv: -jnp.log10(pv), p)
+
+    return Estimator(init, update, merge, finalize, score, spec)
+
+
+def _inner_for(spec_json: str) -> Estimator:
+    """The inner estimator of the calibrated estimator with this spec (built once, cached)."""
+    if spec_json not in _INNER:
+        params = json.loads(spec_json)["params"]
+        calibrated(from_spec(params["estimator"]), relative_accuracy=params["relative_accuracy"])
+    return _INNER[spec_json]
+
+
+def begin_calibration(cal: Estimator, state: CalibratedState) -> CalibratedState:
+    """Ends the fitting pass: finalizes the inner state and switches ``state`` to phase 1.
+
+    Merge every replica of the fitting pass first; the returned state is then copied to (or
+    replicated over) the devices that stream the held-out rows.
+
+    Args:
+      cal: the estimator returned by :func:`calibrated`.
+      state: its state after the fitting pass.
+
+    Returns:
+      A :class:`CalibratedState` in phase 1 with the inner fitted value stored and empty
+      score sketches; same structure, shapes and dtypes as ``state``.
+    """
+    if cal.spec.name != "calibrated":
+        raise TypeError(
+            f"begin_calibration: expected an estimator made by jaxmon.calibrated(...), got "
+            f"{cal.spec.name!r}"
+        )
+    inner = _inner_for(cal.spec.to_json())
+    fitted = inner.finalize(state.inner)
+    fitted = jax.tree.map(lambda z, f: jnp.asarray(f, z.dtype), state.fitted, fitted)
+    empty = jax.tree.map(
+        lambda sk: jax.tree.map(jnp.zeros_like, sk)._replace(
+            minimum=jnp.full_like(sk.minimum, jnp.inf), maximum=jnp.full_like(sk.maximum, -jnp.inf)
+        ),
+        state.scores,
+        is_leaf=_is_sketch,
+    )
+    return CalibratedState(state.inner, fitted, empty, jnp.ones((), jnp.int32))
+
+
+def p_values(fitted: CalibratedFitted, x, *, mask=None):
+    """Conformal upper-tail p-values of ``x``'s inner scores, with the inner scores' structure.
+
+    Args:
+      fitted: a :class:`CalibratedFitted`.
+      x: rows (or a dict of taps) as the inner estimator's ``score`` takes them.
+      mask: as for ``score``; masked rows get p = 1.
+
+    Returns:
+      p-values in ``(0, 1]``: ``(1 + #{held-out scores >= s}) / (1 + n)``.
+    """
+    if not isinstance(fitted, CalibratedFitted):
+        raise TypeError(
+            f"p_values: expected the fitted value of jaxmon.calibrated(...), got "
+            f"{type(fitted).__name__}"
+        )
+    return _p_values_of(_inner_for(fitted.spec), fitted, x, mask)
+
+
+def threshold(fitted: CalibratedFitted | QuantilesFitted, *, fpr: float = 0.01):
+    """Raw-score threshold(s) for a target false-positive rate on trusted data.
+
+    Flagging rows whose *inner* (raw) score is ``>= threshold`` flags a fraction ``fpr`` of
+    held-out trusted rows, up to the sketch's relative accuracy and ``1/n``. On the calibrated
+    scale the equivalent rule is ``cal.score(...) >= -log10(fpr)`` (conformal: at most ``fpr``).
+
+    Args:
+      fitted: a :class:`CalibratedFitted` (or a single :class:`QuantilesFitted`).
+      fpr: the target false-positive rate, in (0, 1).
+
+    Returns:
+      The ``1 - fpr`` quantile of the held-out scores, with the inner scores' structure.
+    """
+    if not 0.0 < float(fpr) < 1.0:
+        raise ValueError(f"threshold: fpr must lie in (0, 1), got {fpr!r}")
+    sketches = fitted.scores if isinstance(fitted, CalibratedFitted) else fitted
+    return jax.tree.map(lambda qf: quantile(qf, 1.0 - float(fpr)), sketches, is_leaf=_is_sketch)
+
+
+def combine(p_values, *, method: str = "fisher", axis: int | None = None) -> jax.Array:
+    """Combines the p-values of many taps into one p-value per row (jittable).
+
+    Args:
+      p_values: a pytree (e.g. ``{tap: p[...]}`` from :func:`p_values`) of equally shaped
+        arrays, one per tap; or one array with the taps along ``axis``.
+      method: ``"fisher"`` (``-2 Σ log p ~ χ²(2k)``: sensitive to evidence spread over many
+        taps, valid for independent taps, anti-conservative for correlated ones);
+        ``"bonferroni"`` (``min(1, k · min p)``: valid under any dependence, sensitive to one
+        strong tap); ``"tippett"`` (``1 - (1 - min p)^k``, Šidák: exact for independent taps).
+      axis: the tap axis when ``p_values`` is one array.
+
+    Returns:
+      The combined p-value; ``-log10`` of it is one calibrated score (higher = more anomalous).
+    """
+    if axis is None:
+        leaves = jax.tree.leaves(p_values)
+        if not leaves:
+            raise ValueError("combine: no p-values given")
+        shapes = {tuple(jnp.shape(v)) for v in leaves}
+        if len(shapes) != 1:
+            raise ShapeError(f"combine: every tap's p-values must share one shape, got {shapes}")
+        p = jnp.stack([jnp.asarray(v, jnp.float32) for v in leaves], axis=0)
+        axis = 0
+    else:
+        p = jnp.asarray(p_values, jnp.float32)
+    k = p.shape[axis]
+    # p = 0 would give -log 0 = inf; conformal p-values are never 0, clamp raw inputs anyway.
+    p = jnp.clip(p, jnp.finfo(jnp.float32).tiny, 1.0)
+    if method == "fisher":
+        stat = -2.0 * jnp.sum(jnp.log(p), axis=axis)
+        # chi2(2k) survival function = regularised upper incomplete gamma Q(k, stat / 2).
+        return jax.scipy.special.gammaincc(jnp.float32(k), stat / 2.0)
+    pmin = jnp.min(p, axis=axis)
+    if method == "bonferroni":
+        return jnp.minimum(1.0, k * pmin)
+    if method == "tippett":
+        # 1 - (1 - p)^k without cancellation for small p: -expm1(k log1p(-p)).
+        return -jnp.expm1(k * jnp.log1p(-pmin))
+    raise ValueError(f"combine: method must be 'fisher', 'bonferroni' or 'tippett', got {method!r}")

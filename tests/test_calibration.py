@@ -1,0 +1,232 @@
+"""Calibration: FPR at the threshold, uniform p-values, combination against scipy, laws."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+import jaxmon
+from jaxmon.estimators.quantiles import QuantilesState, quantile
+
+from laws import LawCase, LawSuite, leaves_close, normal_rows
+
+D = 6
+
+
+def _calibrating(make_inner, *, fit_rows: int = 400):
+    """The calibrated estimator with ``init`` replaced by "fit the inner, begin calibration".
+
+    The law suite knows one pass; the calibrated estimator's own state, update and merge are
+    those of the calibration pass (phase 1), so the laws run there: ``init`` returns a phase-1
+    state whose inner Gaussian was fitted on fixed trusted rows of the same law.
+    """
+    cal = jaxmon.calibrated(make_inner())
+    trusted = jnp.asarray(normal_rows(np.random.default_rng(100), fit_rows, D))
+    cache = {}
+
+    def init(example):
+        key = (tuple(example.shape), str(example.dtype))
+        if key not in cache:
+            s = cal.init(example)
+            cache[key] = jaxmon.begin_calibration(cal, cal.update(s, trusted))
+        return cache[key]
+
+    return cal._replace(init=init)
+
+
+# One estimator for every law (jitted functions compile once); init is cached per example.
+_CALIBRATING = functools.cache(lambda: _calibrating(jaxmon.gaussian))
+
+
+def _sketches(state):
+    return jax.tree.leaves(state.scores, is_leaf=lambda x: isinstance(x, QuantilesState))
+
+
+def _compare(est, a, b) -> None:
+    """Same inner fit exactly, same row counts exactly, and score sketches whose quantiles agree.
+
+    Scores of the same rows computed in different batch shapes (or from bf16 input) differ by
+    float rounding, which can move a score across a bucket edge: the sketches then differ by
+    one bucket, so quantiles are compared within twice the sketch's relative accuracy (plus
+    bf16's rounding of the rows themselves).
+    """
+    leaves_close(a.inner, b.inner, rtol=1e-6, atol=1e-6)
+    leaves_close(a.fitted, b.fitted, rtol=1e-6, atol=1e-6)
+    assert int(a.phase) == int(b.phase)
+    grid = jnp.linspace(0.0, 1.0, 41)
+    for sa, sb in zip(_sketches(a), _sketches(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(sa.counts.rows), np.asarray(sb.counts.rows))
+        np.testing.assert_array_equal(
+            np.asarray(sa.counts.nonfinite), np.asarray(sb.counts.nonfinite)
+        )
+        qa, qb = np.asarray(quantile(sa, grid)), np.asarray(quantile(sb, grid))
+        np.testing.assert_allclose(qa, qb, rtol=0.05, atol=1e-3, equal_nan=True)
+
+
+class TestCalibratedLaws(LawSuite):
+    """The laws on the calibration pass. The state holds two row counters (the inner fit's and
+    the calibration sketch's), so ``num_rows`` returns a dict; the two laws that compare it with
+    an int are restated below on the calibration counter, with the same checks."""
+
+    case = LawCase(make=lambda: _CALIBRATING(), compare=_compare)
+
+    def test_masked_rows_equal_dropped_rows(self):
+        est = self.est
+        x = self.data(5)
+        keep = np.random.default_rng(6).random(len(x)) < 0.6
+        garbage = x.copy()
+        garbage[~keep] = 1e4
+        masked = est.update(self.empty(est), jnp.asarray(garbage), mask=jnp.asarray(keep))
+        dropped = est.update(self.empty(est), jnp.asarray(x[keep]))
+        self.same(est, masked, dropped)
+        assert jaxmon.num_rows(masked.scores) == int(keep.sum())
+
+    def test_nonfinite_rows_are_excluded_and_counted(self):
+        est = self.est
+        x = self.data(7)
+        bad = np.zeros(len(x), bool)
+        bad[[1, 5, 17]] = True
+        poisoned = x.copy()
+        poisoned[1, 0], poisoned[5, -1], poisoned[17, :] = np.nan, np.inf, -np.inf
+        s = est.update(self.empty(est), jnp.asarray(poisoned))
+        clean = est.update(self.empty(est), jnp.asarray(x[~bad]))
+        self.same(est, s._replace(scores=_zero_nonfinite(s.scores)), clean)
+        assert jaxmon.num_nonfinite(s.scores) == 3
+        assert jaxmon.num_rows(s.scores) == len(x) - 3
+        for leaf in jax.tree.leaves(s):
+            if jnp.issubdtype(leaf.dtype, jnp.floating):
+                assert bool(jnp.all(jnp.isfinite(leaf)))
+
+
+def _zero_nonfinite(sk):
+    return sk._replace(counts=sk.counts._replace(nonfinite=jnp.zeros_like(sk.counts.nonfinite)))
+
+
+def _split(x, *sizes):
+    """Consecutive pieces of one sample (``normal_rows`` draws a new law on every call)."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(x[start : start + n])
+        start += n
+    return out
+
+
+def _fit_and_calibrate(cal, fit, heldout, *, batch=5000):
+    s = cal.init(jax.ShapeDtypeStruct((fit.shape[1],), jnp.float32))
+    s = cal.update(s, jnp.asarray(fit))
+    s = jaxmon.begin_calibration(cal, s)
+    # Held-out rows streamed in batches on two "replicas", merged at the end.
+    halves = [s, s]
+    for i, start in enumerate(range(0, len(heldout), batch)):
+        halves[i % 2] = cal.update(halves[i % 2], jnp.asarray(heldout[start : start + batch]))
+    return cal.finalize(cal.merge(*halves))
+
+
+@pytest.mark.parametrize("fpr", [0.01, 0.05])
+def test_empirical_fpr_at_threshold_matches_target(fpr):
+    rng = np.random.default_rng(20)
+    d, n_cal, n_new = 8, 20000, 20000
+    inner = jaxmon.gaussian()
+    cal = jaxmon.calibrated(inner)
+    fit, held, fresh = _split(normal_rows(rng, 3000 + n_cal + n_new, d), 3000, n_cal, n_new)
+    f = _fit_and_calibrate(cal, fit, held)
+    fresh = jnp.asarray(fresh)
+    t = float(jaxmon.threshold(f, fpr=fpr))
+    raw = np.asarray(inner.score(f.inner, fresh))
+    # Binomial noise of the calibration and of the fresh sample, plus the sketch's relative
+    # error on the threshold (1% of a chi-square score moves the rate by well under 0.2 fpr).
+    sd = np.sqrt(fpr * (1 - fpr) * (1 / n_cal + 1 / n_new))
+    tol = 4 * sd + 0.1 * fpr
+    assert abs(np.mean(raw >= t) - fpr) < tol
+    # On the calibrated scale the same rule is score >= -log10(fpr).
+    sc = np.asarray(cal.score(f, fresh))
+    assert abs(np.mean(sc >= -np.log10(fpr)) - fpr) < tol
+
+
+def test_p_values_are_uniform_on_trusted_data():
+    rng = np.random.default_rng(21)
+    d = 5
+    cal = jaxmon.calibrated(jaxmon.gaussian(shrinkage="ledoit_wolf"))
+    fit, held, fresh = _split(normal_rows(rng, 27000, d), 2000, 20000, 5000)
+    f = _fit_and_calibrate(cal, fit, held)
+    p = np.asarray(jaxmon.p_values(f, jnp.asarray(fresh)))
+    assert scipy.stats.kstest(p, "uniform").pvalue > 1e-3
+    # And far from uniform on anomalies: most p-values are tiny.
+    q = np.asarray(jaxmon.p_values(f, jnp.asarray(fresh[:500] * 3.0)))
+    assert np.median(q) < 0.01
+
+
+def test_monitor_inner_gives_per_tap_p_values_and_combines():
+    rng = np.random.default_rng(22)
+    mon = jaxmon.monitor({"a": jaxmon.gaussian(), "b": jaxmon.gaussian(diagonal=True)})
+    cal = jaxmon.calibrated(mon)
+    ex = {
+        "a": jax.ShapeDtypeStruct((4, 6), jnp.float32),
+        "b": jax.ShapeDtypeStruct((4, 3), jnp.float32),
+    }
+
+    def taps(n, scale=1.0):
+        return {
+            "a": jnp.asarray((rng.standard_normal((n, 6)) * scale).astype(np.float32)),
+            "b": jnp.asarray(rng.standard_normal((n, 3)).astype(np.float32)),
+        }
+
+    s = cal.update(cal.init(ex), taps(1000))
+    s = jaxmon.begin_calibration(cal, s)
+    mask = jnp.asarray(np.arange(3000) % 10 != 0)
+    s = cal.update(s, taps(3000), mask=mask)
+    assert jaxmon.num_rows(s)[".scores['a'].counts"] == int(mask.sum())
+    f = cal.finalize(s)
+    t = jaxmon.threshold(f, fpr=0.05)
+    assert set(t) == {"a", "b"}
+    p = jaxmon.p_values(f, taps(200, scale=1.0))
+    assert set(p) == {"a", "b"} and p["a"].shape == (200,)
+    combined = np.asarray(jaxmon.combine(p))
+    assert combined.shape == (200,)
+    # Anomalies on tap "a" only still show up in the combined score.
+    pa = jaxmon.p_values(f, taps(200, scale=4.0))
+    assert np.median(np.asarray(jaxmon.combine(pa, method="bonferroni"))) < 0.05
+    sc = cal.score(f, taps(5), mask=jnp.asarray([True, False, True, True, True]))
+    assert float(sc["a"][1]) == 0.0 and float(sc["b"][1]) == 0.0
+
+
+@pytest.mark.parametrize("k", [1, 3, 12])
+def test_combine_matches_scipy(k):
+    rng = np.random.default_rng(23)
+    p = rng.uniform(size=(k, 50)) ** rng.uniform(0.5, 4, (k, 1))
+    p[:, 0] = 1e-8  # strong evidence everywhere
+    ours_f = np.asarray(jaxmon.combine(jnp.asarray(p, jnp.float32), axis=0))
+    ours_t = np.asarray(jaxmon.combine(jnp.asarray(p, jnp.float32), method="tippett", axis=0))
+    ours_b = np.asarray(
+        jaxmon.combine(
+            {str(i): jnp.asarray(p[i], jnp.float32) for i in range(k)}, method="bonferroni"
+        )
+    )
+    ref_f = np.array(
+        [scipy.stats.combine_pvalues(p[:, j], method="fisher").pvalue for j in range(50)]
+    )
+    ref_t = np.array(
+        [scipy.stats.combine_pvalues(p[:, j], method="tippett").pvalue for j in range(50)]
+    )
+    np.testing.assert_allclose(ours_f, ref_f, rtol=2e-3, atol=1e-7)
+    np.testing.assert_allclose(ours_t, ref_t, rtol=2e-3, atol=1e-7)
+    np.testing.assert_allclose(ours_b, np.minimum(1, k * p.min(0)), rtol=1e-5)
+    assert np.all(ours_b >= ours_t * (1 - 1e-5))  # Bonferroni is the conservative bound
+
+
+def test_protocol_errors():
+    cal = jaxmon.calibrated(jaxmon.gaussian())
+    s = cal.init(jax.ShapeDtypeStruct((3,), jnp.float32))
+    with pytest.raises(ValueError, match="begin_calibration"):
+        cal.finalize(s)
+    with pytest.raises(TypeError, match="calibrated"):
+        jaxmon.begin_calibration(jaxmon.gaussian(), s)
+    with pytest.raises(ValueError, match="fpr"):
+        jaxmon.threshold(None, fpr=0.0)
+    with pytest.raises(ValueError, match="method"):
+        jaxmon.combine(jnp.ones((2, 3)), method="stouffer", axis=0)
+    rebuilt = jaxmon.from_spec(cal.spec.to_json())
+    assert rebuilt.spec == cal.spec
