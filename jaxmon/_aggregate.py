@@ -1,3 +1,134 @@
-"""Token-to-sequence score aggregation (issue 3): being built."""
+"""Token scores to sequence scores: max, mean, and the max of rolling means over a window.
 
-__all__: list[str] = []
+Tokens of many sequences arrive flattened (a packed batch, or a block of logged rows) with a
+``segment_ids`` array naming each token's sequence; ``num_segments`` is static so everything
+compiles once per shape and runs under ``jit`` (``jax.ops.segment_max`` / ``segment_sum``).
+
+Which reduction: ``"max"`` flags a sequence with one very odd token (a trigger);
+``"mean"`` flags a sequence that is mildly odd throughout (a distribution shift);
+``"max_rolling_mean"`` sits in between: the most anomalous stretch of ``window`` consecutive
+tokens, robust to one noisy token but sensitive to a short anomalous span.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxmon._base import ShapeError
+
+__all__ = ["sequence_scores"]
+
+_REDUCTIONS = ("max", "mean", "max_rolling_mean")
+
+
+def sequence_scores(
+    token_scores: Any,
+    segment_ids: jax.Array,
+    *,
+    num_segments: int,
+    reduce: str = "max",
+    window: int | None = None,
+    mask: jax.Array | None = None,
+    fill: float = 0.0,
+) -> Any:
+    """Aggregates token scores per sequence (jittable; static ``num_segments`` and ``window``).
+
+    Args:
+      token_scores: scores ``[...]`` (higher = more anomalous), or a pytree of them (e.g. a
+        monitor's ``{tap: scores}``), each with the shape of ``segment_ids``.
+      segment_ids: int ``[...]``: the sequence of each token, in ``[0, num_segments)``; tokens
+        with other ids are ignored. Tokens of one sequence need not be contiguous; their order
+        in the flattened array is their order in the sequence (used by rolling means).
+      num_segments: number of sequences (static).
+      reduce: ``"max"``, ``"mean"`` or ``"max_rolling_mean"`` (the largest mean over ``window``
+        consecutive tokens of a sequence; a sequence shorter than ``window`` gets its mean).
+      window: tokens per rolling window (``"max_rolling_mean"`` only).
+      mask: bool ``[...]``: False for padding tokens, which count as absent (rolling windows
+        then span the surrounding real tokens).
+      fill: the score of a sequence with no (unmasked) token.
+
+    Returns:
+      ``[num_segments]`` sequence scores (float32), with the structure of ``token_scores``.
+
+    Raises:
+      ValueError: an unknown ``reduce`` or a bad ``window``.
+      ShapeError: ``segment_ids``/``mask``/scores shapes differ.
+    """
+    if reduce not in _REDUCTIONS:
+        raise ValueError(f"sequence_scores: reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+    if reduce == "max_rolling_mean":
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(
+                f"sequence_scores: reduce='max_rolling_mean' needs an integer window >= 1, "
+                f"got {window!r}"
+            )
+    elif window is not None:
+        raise ValueError(
+            f"sequence_scores: window applies to 'max_rolling_mean' only, not {reduce!r}"
+        )
+    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
+        raise ValueError(
+            f"sequence_scores: num_segments must be a positive int, got {num_segments!r}"
+        )
+    ids = jnp.asarray(segment_ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ShapeError(f"sequence_scores: segment_ids must be integers, got {ids.dtype}")
+    if mask is not None and tuple(jnp.shape(mask)) != tuple(ids.shape):
+        raise ShapeError(
+            f"sequence_scores: mask shape {list(jnp.shape(mask))} differs from segment_ids "
+            f"shape {list(ids.shape)}"
+        )
+
+    def one(scores):
+        scores = jnp.asarray(scores)
+        if tuple(scores.shape) != tuple(ids.shape):
+            raise ShapeError(
+                f"sequence_scores: token scores of shape {list(scores.shape)} differ from "
+                f"segment_ids of shape {list(ids.shape)}"
+            )
+        return _aggregate(
+            scores.reshape(-1).astype(jnp.float32),
+            ids.reshape(-1).astype(jnp.int32),
+            None if mask is None else jnp.asarray(mask).reshape(-1).astype(bool),
+            num_segments,
+            reduce,
+            window,
+            float(fill),
+        )
+
+    return jax.tree.map(one, token_scores)
+
+
+def _aggregate(v, ids, mask, n, reduce, window, fill):
+    present = (ids >= 0) & (ids < n)
+    if mask is not None:
+        present = present & mask
+    seg = jnp.where(present, ids, n)  # id n: dropped by the segment ops (out of range)
+    count = jax.ops.segment_sum(present.astype(jnp.float32), seg, num_segments=n)
+    empty = count == 0
+    total = jax.ops.segment_sum(jnp.where(present, v, 0.0), seg, num_segments=n)
+    mean = total / jnp.where(empty, 1.0, count)
+    if reduce == "mean":
+        out = mean
+    elif reduce == "max":
+        out = jax.ops.segment_max(jnp.where(present, v, -jnp.inf), seg, num_segments=n)
+    else:
+        # Make each sequence contiguous (stable: keeps token order), absent tokens last.
+        order = jnp.argsort(seg, stable=True)
+        vs, gs = v[order], seg[order]
+        w = min(window, vs.shape[0])
+        # Window sums by reduce_window, not cumsum differences, which would lose digits over
+        # long streams.
+        sums = jax.lax.reduce_window(vs, 0.0, jax.lax.add, (w,), (1,), "VALID")
+        starts = gs[: sums.shape[0]]
+        ends = gs[w - 1 :]
+        valid = (starts == ends) & (starts < n)
+        best = jax.ops.segment_max(
+            jnp.where(valid, sums / w, -jnp.inf), jnp.where(valid, starts, n), num_segments=n
+        )
+        # A sequence shorter than the window has no full window: use its mean.
+        out = jnp.where(jnp.isneginf(best), mean, best)
+    return jnp.where(empty, jnp.float32(fill), out)

@@ -1,0 +1,76 @@
+"""Token-to-sequence aggregation against plain Python loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmon
+
+
+def _reference(v, ids, mask, n, reduce, window, fill):
+    out = np.full(n, fill, np.float64)
+    for s in range(n):
+        x = v[(ids == s) & mask]  # token order preserved
+        if len(x) == 0:
+            continue
+        if reduce == "max":
+            out[s] = x.max()
+        elif reduce == "mean":
+            out[s] = x.mean()
+        elif len(x) < window:
+            out[s] = x.mean()
+        else:
+            out[s] = max(x[i : i + window].mean() for i in range(len(x) - window + 1))
+    return out
+
+
+@pytest.mark.parametrize("reduce,window", [("max", None), ("mean", None), ("max_rolling_mean", 4)])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_matches_loops(reduce, window, contiguous):
+    rng = np.random.default_rng(0)
+    n_tok, n = 300, 12
+    ids = np.sort(rng.integers(-1, n + 1, n_tok))  # includes ignored ids -1 and n
+    if not contiguous:
+        ids = rng.permutation(ids)
+    v = rng.standard_normal(n_tok).astype(np.float32)
+    v[rng.random(n_tok) < 0.1] = -5.0  # ties and negatives
+    mask = rng.random(n_tok) < 0.85
+    fn = jax.jit(
+        lambda v, ids, m: jaxmon.sequence_scores(
+            v, ids, num_segments=n + 2, reduce=reduce, window=window, mask=m, fill=-7.0
+        )
+    )
+    got = np.asarray(fn(jnp.asarray(v), jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
+    # n + 2 segments: segment n is present in ids, n + 1 is empty (gets the fill).
+    ref = _reference(v, ids, mask, n + 2, reduce, window or 0, -7.0)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert got[n + 1] == -7.0
+
+
+def test_pytree_scores_leading_axes_and_short_sequences():
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal((2, 5)).astype(np.float32)
+    ids = np.array([[0, 0, 0, 1, 1], [2, 2, 2, 2, 2]], np.int32)
+    out = jaxmon.sequence_scores(
+        {"a": jnp.asarray(v), "b": jnp.asarray(-v)},
+        jnp.asarray(ids),
+        num_segments=3,
+        reduce="max_rolling_mean",
+        window=3,
+    )
+    for key, x in (("a", v), ("b", -v)):
+        ref = _reference(x.reshape(-1), ids.reshape(-1), np.ones(10, bool), 3, "roll", 3, 0.0)
+        np.testing.assert_allclose(np.asarray(out[key]), ref, rtol=1e-6)
+
+
+def test_errors():
+    s, ids = jnp.zeros(4), jnp.zeros(4, jnp.int32)
+    with pytest.raises(ValueError, match="reduce"):
+        jaxmon.sequence_scores(s, ids, num_segments=2, reduce="median")
+    with pytest.raises(ValueError, match="window"):
+        jaxmon.sequence_scores(s, ids, num_segments=2, reduce="max_rolling_mean")
+    with pytest.raises(jaxmon.ShapeError, match="segment_ids"):
+        jaxmon.sequence_scores(jnp.zeros(5), ids, num_segments=2)
+    with pytest.raises(jaxmon.ShapeError, match="integers"):
+        jaxmon.sequence_scores(s, jnp.zeros(4), num_segments=2)
