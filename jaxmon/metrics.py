@@ -1,3 +1,148 @@
-"""Detection metrics (issue 3): being built."""
+"""Detection metrics for host-side evaluation (numpy): AUROC, AP, FPR@TPR, recall@FPR, CIs.
 
-__all__: list[str] = []
+Conventions: ``scores`` higher = more anomalous; ``labels`` 1 (or True) for anomalies, the
+positive class. Ties are handled as scikit-learn does: tied scores form one threshold (one
+point of the ROC / precision-recall curve), and AUROC counts a tied pair as one half.
+Numbers agree with ``sklearn.metrics`` (``roc_auc_score``, ``average_precision_score``,
+``roc_curve``) to float64 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "auroc",
+    "average_precision",
+    "fpr_at_tpr",
+    "recall_at_fpr",
+    "roc_curve",
+    "bootstrap_ci",
+    "ConfidenceInterval",
+]
+
+
+def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, np.float64).reshape(-1)
+    y = np.asarray(labels).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"metrics: {s.size} scores but {y.size} labels")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("metrics: scores hold NaN or inf; drop or mask those rows first")
+    if y.dtype != bool:
+        if not np.all((y == 0) | (y == 1)):
+            raise ValueError("metrics: labels must be 0/1 or bool (1 = anomaly)")
+        y = y == 1
+    if y.all() or not y.any():
+        raise ValueError("metrics: labels need both classes (anomalies and normals)")
+    return s, y
+
+
+def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fpr, tpr, thresholds)`` at every distinct score, decreasing thresholds, from (0, 0).
+
+    As ``sklearn.metrics.roc_curve(..., drop_intermediate=False)``: point ``i`` flags the rows
+    with ``score >= thresholds[i]``; the first threshold is ``inf`` (nothing flagged).
+    """
+    s, y = _check(scores, labels)
+    tps, fps, thr = _counts(s, y)
+    return fps / fps[-1], tps / tps[-1], thr
+
+
+def _counts(s: np.ndarray, y: np.ndarray):
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    # Last index of each run of tied scores: one curve point per distinct threshold.
+    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
+    tps = np.cumsum(y)[last].astype(np.float64)
+    fps = (last + 1 - tps).astype(np.float64)
+    return np.r_[0.0, tps], np.r_[0.0, fps], np.r_[np.inf, s[last]]
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve: P(anomaly scores above normal), ties counted 1/2."""
+    s, y = _check(scores, labels)
+    # Mann-Whitney U with average ranks over ties.
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    avg_rank = ends - (counts - 1) / 2.0  # 1-based average rank of each distinct value
+    ranks = avg_rank[inverse]
+    p, n = y.sum(), (~y).sum()
+    return float((ranks[y].sum() - p * (p + 1) / 2.0) / (p * n))
+
+
+def average_precision(scores, labels) -> float:
+    """Average precision, ``Σ (R_i - R_{i-1}) P_i`` over distinct thresholds (scikit-learn's)."""
+    s, y = _check(scores, labels)
+    tps, fps, _ = _counts(s, y)
+    tps, fps = tps[1:], fps[1:]
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def fpr_at_tpr(scores, labels, *, tpr: float = 0.95) -> float:
+    """Smallest false-positive rate of a threshold that detects at least ``tpr`` of anomalies."""
+    if not 0.0 <= tpr <= 1.0:
+        raise ValueError(f"fpr_at_tpr: tpr must lie in [0, 1], got {tpr}")
+    fpr, tp_rate, _ = roc_curve(scores, labels)
+    return float(fpr[np.searchsorted(tp_rate, tpr, side="left")])
+
+
+def recall_at_fpr(scores, labels, *, fpr: float = 0.01) -> float:
+    """Largest true-positive rate (recall) of a threshold with false-positive rate <= ``fpr``."""
+    if not 0.0 <= fpr <= 1.0:
+        raise ValueError(f"recall_at_fpr: fpr must lie in [0, 1], got {fpr}")
+    fp_rate, tp_rate, _ = roc_curve(scores, labels)
+    return float(tp_rate[np.searchsorted(fp_rate, fpr, side="right") - 1])
+
+
+class ConfidenceInterval(NamedTuple):
+    """A metric on the full data and its bootstrap percentile interval."""
+
+    estimate: float
+    low: float
+    high: float
+
+
+def bootstrap_ci(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    scores,
+    labels,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> ConfidenceInterval:
+    """Percentile bootstrap interval of ``metric(scores, labels)``.
+
+    Resampling is stratified (anomalies and normals are resampled separately, keeping their
+    counts), so every resample has both classes and the class balance of the data.
+
+    Args:
+      metric: e.g. :func:`auroc`, or ``functools.partial(recall_at_fpr, fpr=0.01)``.
+      scores, labels: as for the metrics.
+      n_boot: number of resamples.
+      seed: of ``np.random.default_rng``.
+      level: coverage of the interval, in (0, 1).
+
+    Returns:
+      A :class:`ConfidenceInterval` ``(estimate, low, high)``.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"bootstrap_ci: level must lie in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"bootstrap_ci: n_boot must be >= 1, got {n_boot}")
+    s, y = _check(scores, labels)
+    pos, neg = np.nonzero(y)[0], np.nonzero(~y)[0]
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
+        stats[b] = metric(s[idx], y[idx])
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(stats, [alpha, 1.0 - alpha])
+    return ConfidenceInterval(float(metric(s, y)), float(low), float(high))
