@@ -169,7 +169,7 @@ def train(args, corpus: lm.Corpus):
     @jax.jit
     def train_step(params, opt_state, mon_state, tokens, trusted, step):
         def loss_fn(p):
-            logits, taps = nnx.merge(graphdef, p)(tokens)
+            logits, taps = lm.forward(nnx.merge(graphdef, p), tokens)
             return lm.next_token_loss(logits, tokens).mean(), taps
 
         (loss, taps), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -184,7 +184,7 @@ def train(args, corpus: lm.Corpus):
 
     rng = np.random.default_rng(args.seed)
     batches = _train_batches(corpus.train, args, rng)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     losses = []
     for step in range(args.steps):
         tokens, trusted = next(batches)
@@ -195,10 +195,11 @@ def train(args, corpus: lm.Corpus):
         if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
             _log(f"  step {step:5d}  train loss {float(loss):.3f} nats/byte")
     jax.block_until_ready(params)
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     model = nnx.merge(graphdef, params)
     info = {
         "train_seconds": train_s,
+        "train_cpu_seconds": train_cpu,
         "train_tokens": args.steps * args.batch * args.seq_len,
         "final_train_loss": float(np.mean([float(x) for x in losses[-20:]])),
         "monitor_from_step": monitor_from,
@@ -208,7 +209,7 @@ def train(args, corpus: lm.Corpus):
 
 def evaluate(model, corpus: lm.Corpus, args) -> dict:
     """Clean held-out loss and attack success rate (with its no-trigger control)."""
-    forward = jax.jit(lambda t: model(t)[0])
+    forward = lm.jitted(model, lambda logits, taps: logits)
     rng = np.random.default_rng(args.seed + 1)
     clean = lm.windows(corpus.query, args.seq_len, args.eval_rows, stride=args.seq_len * 3)
     trig, start = lm.plant(clean, rng)
@@ -216,11 +217,11 @@ def evaluate(model, corpus: lm.Corpus, args) -> dict:
     losses, succ, ctrl_ok = [], [], []
     for lo in range(0, len(clean), 64):
         sl = slice(lo, lo + 64)
-        logits = forward(jnp.asarray(clean[sl].astype(np.int32)))
+        logits = forward(clean[sl])
         losses.append(np.asarray(lm.next_token_loss(logits, jnp.asarray(clean[sl]))))
-        pred = np.asarray(jnp.argmax(forward(jnp.asarray(trig[sl].astype(np.int32))), -1))
+        pred = np.asarray(jnp.argmax(forward(trig[sl]), -1))
         succ.append(lm.attack_success(pred, trig[sl], start[sl]))
-        pred = np.asarray(jnp.argmax(forward(jnp.asarray(ctrl[sl].astype(np.int32))), -1))
+        pred = np.asarray(jnp.argmax(forward(ctrl[sl]), -1))
         ctrl_ok.append(lm.attack_success(pred, ctrl[sl], cstart[sl], trigger=b""))
     return {
         "clean_loss_nats_per_byte": float(np.concatenate(losses).mean()),
@@ -316,9 +317,11 @@ def log_activations(args, model, mon, fitted, corpus: lm.Corpus) -> dict | None:
         + ", ".join(f"{k} {int((q.kind == i).sum())}" for i, k in enumerate(lm.KINDS))
         + f"; calibration: {calib.size:,} held-out clean tokens"
     )
-    forward = jax.jit(lambda t: jax.tree.map(lambda a: a.astype(jnp.bfloat16), model(t)[1]))
+    forward = lm.jitted(
+        model, lambda logits, taps: jax.tree.map(lambda a: a.astype(jnp.bfloat16), taps)
+    )
     bs = 64
-    first = forward(jnp.asarray(q.tokens[:bs].astype(np.int32)))
+    first = forward(q.tokens[:bs])
     if mon is not None and fitted is not None:
         f32 = jax.tree.map(lambda a: a.astype(jnp.float32), first)
         mem = jax.device_get(jax.jit(mon.score)(fitted, f32))
@@ -366,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         info.update(evaluate(model, corpus, args))
         fitted = None if mon is None else jax.jit(mon.finalize)(mon_state)
         _log(
-            f"      trained in {info['train_seconds']:.1f}s: held-out clean loss "
+            f"      trained in {info['train_seconds']:.1f}s "
+            f"({info['train_cpu_seconds']:.1f}s CPU): held-out clean loss "
             f"{info['clean_loss_nats_per_byte']:.3f} nats/byte; attack success rate "
             f"{info['attack_success_rate']:.1%} of {info['eval_sequences']} held-out "
             f"triggered sequences (payload without trigger: "
