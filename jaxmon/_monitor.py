@@ -48,6 +48,15 @@ class EveryKState(NamedTuple):
     calls: jax.Array  # shape=(), dtype=uint32: update calls (summed over merged states)
 
 
+def _fresh(state: Any) -> Any:
+    """A copy of ``state`` whose leaves are distinct buffers.
+
+    Inner ``init``s may return one zero array for several leaves; donating such a state to a
+    jitted train step (``donate_argnums``) would donate the same buffer twice and fail.
+    """
+    return jax.tree.map(lambda leaf: jnp.array(leaf, copy=True), state)
+
+
 def _as_estimator(est: Estimator | Mapping[str, Any] | str, *, where: str) -> Estimator:
     if isinstance(est, Estimator):
         return est
@@ -86,7 +95,7 @@ def every_k(estimator: Estimator | Mapping[str, Any], k: int) -> Estimator:
     )
 
     def init(example) -> EveryKState:
-        return EveryKState(inner.init(example), jnp.zeros((), jnp.uint32))
+        return EveryKState(_fresh(inner.init(example)), jnp.zeros((), jnp.uint32))
 
     @jax.jit
     def update(state: EveryKState, x, *, mask=None, weights=None) -> EveryKState:
@@ -423,7 +432,7 @@ def monitor(
                 raise ShapeError(
                     f"monitor.init: tap(s) {shapes} for key {e.key!r}: {err}"
                 ) from None
-        return out
+        return _fresh(out)
 
     def update(state: dict[str, Any], taps: Mapping[str, Any], *, mask=None, weights=None):
         virt, entries = resolve(list(state), taps, "update")

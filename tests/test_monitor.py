@@ -1,5 +1,7 @@
 """Monitors over taps and every_k, against float64 numpy on the same activations."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -206,7 +208,8 @@ def test_monitor_in_jitted_train_step_compiles_once():
     mon = jaxmon.monitor({"h": jaxmon.gaussian()})
     traces = []
 
-    @jax.jit
+    # Donating the monitor state (as a train step does) needs distinct buffers in it.
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(w, mstate, x, mask):
         traces.append(1)
 
