@@ -1,0 +1,734 @@
+"""Batch anomaly queries over activation stores (the only module that reads tensorstore).
+
+:func:`score_store` streams a store written by :class:`jaxmon.io.ActivationWriter` in
+chunk-aligned blocks: the reads of block ``i+1`` are issued before block ``i`` is scored; the
+tail block is padded and masked so the scoring function compiles once; each block is split
+over the local devices (data parallel); per-token scores go to a zarr3 array per score key; a
+running top-k of the most anomalous tokens is kept per key. After each completed block a small
+progress record is replaced atomically, so a killed query resumes from its last completed
+block and produces bit-identical output. Memory is bounded by the block size, not by the
+number of tokens (per-sequence aggregates are O(sequences)).
+
+Output directory of a query::
+
+    query.json         what was scored (store, keys, spec, block rows); written first
+    progress.json      next block and the running top-k (replaced atomically per block)
+    scores/<i>_<key>/  zarr3 float32 [rows] per score key
+    sequences.npz      per-sequence id, tokens, label, split, max and mean score per key
+    summary.json       per key: top-k tokens, score statistics, and when the estimator is
+                       calibrated, threshold exceedances at several false-positive rates
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorstore as ts
+
+from jaxmon._base import Estimator
+
+__all__ = [
+    "QueryResult",
+    "Store",
+    "StoreError",
+    "fit_store",
+    "load_result",
+    "open_store",
+    "score_store",
+]
+
+FPRS = (0.1, 0.01, 0.001)
+
+
+class StoreError(ValueError):
+    """An activation store or query output that is missing, truncated or inconsistent."""
+
+
+# --------------------------------------------------------------------------- stores
+
+
+def _open_array(path: str, what: str) -> ts.TensorStore:
+    if not os.path.exists(os.path.join(path, "zarr.json")):
+        raise StoreError(f"the store is truncated: {what} has no zarr array at {path}")
+    try:
+        return ts.open(
+            {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}, open=True
+        ).result()
+    except Exception as e:
+        raise StoreError(f"cannot open {what} at {path}: {e}") from None
+
+
+def _check_chunks(arr: ts.TensorStore, path: str, rows: int, what: str) -> None:
+    """Every chunk that holds rows must exist on disk (a missing one would read as zeros)."""
+    chunk = arr.chunk_layout.read_chunk.shape
+    n_row_chunks = -(-rows // chunk[0])
+    n_col_chunks = [-(-int(s) // int(c)) for s, c in zip(arr.shape[1:], chunk[1:], strict=True)]
+    for i in range(n_row_chunks):
+        for rest in np.ndindex(*n_col_chunks):
+            key = os.path.join(path, "c", str(i), *map(str, rest))
+            if not os.path.exists(key):
+                raise StoreError(
+                    f"the store is truncated: chunk {i} of {what} is missing ({key}); rows "
+                    f"{i * chunk[0]}-{min(rows, (i + 1) * chunk[0]) - 1} cannot be read"
+                )
+
+
+@dataclasses.dataclass
+class Store:
+    """An opened activation store (see :mod:`jaxmon.io` for the layout)."""
+
+    directory: str
+    manifest: dict[str, Any]
+    taps: dict[str, ts.TensorStore]
+    meta: dict[str, ts.TensorStore]
+
+    @property
+    def rows(self) -> int:
+        """Number of logged rows (tokens)."""
+        return int(self.manifest["rows"])
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per zarr chunk."""
+        return int(self.manifest["chunk_rows"] or 1)
+
+    @property
+    def splits(self) -> list[str]:
+        """Split names; ``rows/split`` holds indices into this list (-1: none)."""
+        return list(self.manifest.get("splits", []))
+
+    def read(self, tap: str, start: int, stop: int) -> ts.Future:
+        """Starts reading rows ``[start, stop)`` of ``tap`` (clamped to the store)."""
+        return self.taps[tap][start : min(stop, self.rows)].read()
+
+    def read_meta(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of a row-metadata column (``sequence_id``, ``label``...)."""
+        return self.meta[name][start : min(stop, self.rows)].read().result()
+
+    def tokens(self) -> dict[int, str] | None:
+        """Token text by row, when it was logged (loads the sidecar; for reports)."""
+        name = self.manifest.get("tokens")
+        if not name:
+            return None
+        out: dict[int, str] = {}
+        with open(os.path.join(self.directory, name)) as f:
+            for line in f:
+                rec = json.loads(line)
+                for i, t in enumerate(rec["tokens"]):
+                    out[rec["start"] + i] = t
+        return out
+
+
+def open_store(directory: str | os.PathLike, *, check_chunks: bool = True) -> Store:
+    """Opens and validates an activation store.
+
+    Raises:
+      StoreError: no manifest, a missing array, an array shorter than the manifest's row
+        count, or (with ``check_chunks``) a chunk file missing on disk.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    path = os.path.join(directory, "manifest.json")
+    if not os.path.isdir(directory):
+        raise StoreError(f"no activation store at {directory}")
+    if not os.path.exists(path):
+        raise StoreError(
+            f"{directory} has no manifest.json: not an activation store, or its writer was "
+            "not closed"
+        )
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != "jaxmon-activations":
+        raise StoreError(f"{path} is not a jaxmon activation-store manifest")
+    rows = int(manifest["rows"])
+    taps, meta = {}, {}
+    for name, info in manifest["taps"].items():
+        p = os.path.join(directory, info["path"])
+        arr = _open_array(p, f"tap {name!r}")
+        if arr.shape[0] < rows or list(arr.shape[1:]) != list(info["shape"][1:]):
+            raise StoreError(
+                f"the store is truncated: tap {name!r} holds {arr.shape[0]} rows but the "
+                f"manifest says {rows}"
+            )
+        if check_chunks:
+            _check_chunks(arr, p, rows, f"tap {name!r}")
+        taps[name] = arr
+    for name, rel in manifest.get("row_meta", {}).items():
+        p = os.path.join(directory, rel)
+        arr = _open_array(p, f"row metadata {name!r}")
+        if arr.shape[0] < rows:
+            raise StoreError(
+                f"the store is truncated: row metadata {name!r} holds {arr.shape[0]} rows but "
+                f"the manifest says {rows}"
+            )
+        if check_chunks:
+            _check_chunks(arr, p, rows, f"row metadata {name!r}")
+        meta[name] = arr
+    return Store(directory, manifest, taps, meta)
+
+
+def _as_store(store: Store | str | os.PathLike) -> Store:
+    return store if isinstance(store, Store) else open_store(store)
+
+
+# --------------------------------------------------------------------------- scoring plan
+
+
+def _is_calibrated(fitted: Any) -> bool:
+    from jaxmon._calibration import CalibratedFitted
+
+    return isinstance(fitted, CalibratedFitted)
+
+
+def _taps_of_key(key: str) -> list[str]:
+    """Tap names behind a monitor key: ``tap``, ``tap:det``, ``a->b``, ``a->b:det``."""
+    base = key.split(":", 1)[0] if ":" in key else key
+    return base.split("->") if "->" in base else [base]
+
+
+def _resolve(est_or_checkpoint: Any, fitted: Any) -> tuple[Estimator, Any, dict[str, Any]]:
+    """(estimator, fitted, info) from an estimator + fitted, a Checkpoint or a checkpoint path."""
+    if isinstance(est_or_checkpoint, str | os.PathLike):
+        from jaxmon import checkpoint
+
+        est_or_checkpoint = checkpoint.load(est_or_checkpoint)
+    info: dict[str, Any] = {}
+    if hasattr(est_or_checkpoint, "estimator") and hasattr(est_or_checkpoint, "state"):
+        ck = est_or_checkpoint
+        info = {"checkpoint_step": ck.step, "checkpoint_rows": ck.metadata.get("rows")}
+        est = ck.estimator
+        if fitted is None:
+            fitted = ck.fitted if ck.fitted is not None else est.finalize(ck.state)
+    else:
+        est = est_or_checkpoint
+    if not isinstance(est, Estimator):
+        raise TypeError(f"expected an Estimator, a Checkpoint or a path, got {type(est)}")
+    if fitted is None:
+        raise ValueError("score_store needs fitted values: pass fitted= or a checkpoint")
+    return est, fitted, info
+
+
+def _plan(est: Estimator, fitted: Any, store: Store, tap: str | None) -> tuple[list[str], bool]:
+    """(taps to read, monitor mode)."""
+    inner = fitted.inner if _is_calibrated(fitted) else fitted
+    if tap is None and isinstance(inner, Mapping):
+        needed: list[str] = []
+        for key in inner:
+            for t in _taps_of_key(str(key)):
+                if t not in store.taps:
+                    raise StoreError(
+                        f"the store has no tap {t!r} needed by score key {key!r} (taps: "
+                        f"{sorted(store.taps)})"
+                    )
+                if t not in needed:
+                    needed.append(t)
+        return needed, True
+    if tap is None:
+        if len(store.taps) != 1:
+            raise StoreError(
+                f"the store holds taps {sorted(store.taps)}; say which one this estimator "
+                "scores with tap="
+            )
+        tap = next(iter(store.taps))
+    if tap not in store.taps:
+        raise StoreError(f"the store has no tap {tap!r} (taps: {sorted(store.taps)})")
+    return [tap], False
+
+
+def _mesh(devices: Sequence[Any] | None) -> jax.sharding.Mesh:
+    devs = list(devices) if devices is not None else jax.local_devices()
+    return jax.sharding.Mesh(np.array(devs), ("data",))
+
+
+def _block_rows(store: Store, block_rows: int | None, n_dev: int) -> int:
+    c = store.chunk_rows
+    if block_rows is None:
+        width = sum(int(a.shape[1]) * a.dtype.numpy_dtype.itemsize for a in store.taps.values())
+        block_rows = max(c, (32 << 20) // max(1, width))  # ~32 MiB of activations per block
+    b = max(c, (int(block_rows) // c) * c)  # chunk aligned
+    while b % n_dev:
+        b += c
+    return b
+
+
+def _scorer(est: Estimator, monitor: bool, taps: list[str], mesh) -> Callable:
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def f(fitted, xs, mask):
+        out = est.score(fitted, xs if monitor else xs[taps[0]], mask=mask)
+        out = out if monitor else {taps[0]: out}
+        return {k: v.astype(jnp.float32) for k, v in out.items()}
+
+    return jax.jit(f, in_shardings=(rep, rows, rows), out_shardings=rows), rows, rep
+
+
+# --------------------------------------------------------------------------- top-k
+
+
+def _topk_merge(rows_a, sc_a, rows_b, sc_b, k: int):
+    """Top ``k`` by (score desc, row asc): deterministic under ties, whatever the blocking."""
+    rows = np.concatenate([rows_a, rows_b])
+    sc = np.concatenate([sc_a, sc_b])
+    ok = ~np.isnan(sc)
+    rows, sc = rows[ok], sc[ok]
+    order = np.lexsort((rows, -sc.astype(np.float64)))[:k]
+    return rows[order], sc[order]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass
+class QueryResult:
+    """What :func:`score_store` produced (everything also lies in ``directory``)."""
+
+    directory: str
+    rows: int
+    keys: list[str]
+    summary: dict[str, Any]
+
+    def top(self, key: str) -> list[dict[str, Any]]:
+        """The top-k most anomalous tokens of ``key``: row, score, sequence_id, position."""
+        return self.summary["keys"][key]["top"]
+
+    def scores(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Per-token scores of ``key`` for rows ``[start, stop)`` (float32)."""
+        arr = _open_array(_score_path(self.directory, self.keys.index(key), key), f"scores {key}")
+        return arr[start : self.rows if stop is None else min(stop, self.rows)].read().result()
+
+    def sequences(self) -> dict[str, np.ndarray]:
+        """Per-sequence aggregates: ``sequence_id``, ``tokens``, ``label``, ``split`` and
+        ``max/<key>``, ``mean/<key>``."""
+        with np.load(os.path.join(self.directory, "sequences.npz")) as z:
+            return {k: z[k] for k in z.files}
+
+
+def load_result(directory: str | os.PathLike) -> QueryResult:
+    """Opens the output of a finished :func:`score_store`."""
+    directory = os.path.abspath(os.fspath(directory))
+    path = os.path.join(directory, "summary.json")
+    if not os.path.exists(path):
+        raise StoreError(f"{directory} holds no finished query (no summary.json)")
+    with open(path) as f:
+        summary = json.load(f)
+    return QueryResult(directory, int(summary["rows"]), list(summary["keys"]), summary)
+
+
+def _score_path(out: str, i: int, key: str) -> str:
+    import re
+
+    return os.path.join(out, "scores", f"{i:03d}_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", key)[:80])
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _Progress:
+    """Rows/s on a terminal (stderr), silent in pipelines."""
+
+    def __init__(self, total: int, enabled: bool | None):
+        self.total = total
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+
+    def update(self, done: int, first: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self.last < 0.2 and done < self.total:
+            return
+        self.last = now
+        rate = (done - first) / max(now - self.t0, 1e-9)
+        frac = done / max(self.total, 1)
+        bar = "#" * int(30 * frac)
+        sys.stderr.write(f"\r[{bar:<30}] {done}/{self.total} rows  {rate:,.0f} rows/s")
+        if done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------- the query
+
+
+def score_store(
+    store: Store | str | os.PathLike,
+    est_or_checkpoint: Any,
+    fitted: Any = None,
+    *,
+    out: str | os.PathLike,
+    tap: str | None = None,
+    block_rows: int | None = None,
+    top_k: int = 100,
+    resume: bool = True,
+    progress: bool | None = None,
+    devices: Sequence[Any] | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> QueryResult:
+    """Scores every token of an activation store; resumable, memory bounded by the block.
+
+    Args:
+      store: an opened :class:`Store` or its directory.
+      est_or_checkpoint: an :class:`~jaxmon.Estimator` (with ``fitted``), a
+        :class:`jaxmon.checkpoint.Checkpoint` or a checkpoint directory (fitted values come
+        from it, or are computed with ``finalize``).
+      fitted: the fitted value when an estimator is given.
+      out: output directory (see the module docstring).
+      tap: for a single-tap estimator, which tap of the store it scores (needed when the store
+        holds several); monitors read the taps their score keys name.
+      block_rows: rows per block (rounded to whole chunks and to a multiple of the device
+        count); default ~32 MiB of activations.
+      top_k: how many of the most anomalous tokens to keep per key.
+      resume: continue an interrupted query in ``out`` (else start over).
+      progress: show a progress bar on stderr (default: only on a terminal).
+      devices: devices to split blocks over (default: ``jax.local_devices()``).
+      callback: ``callback(rows_done, rows_total)`` after each committed block.
+
+    Returns:
+      A :class:`QueryResult`.
+
+    Raises:
+      StoreError: a truncated or inconsistent store, a missing tap, or an ``out`` directory
+        that holds a different query.
+    """
+    store = _as_store(store)
+    est, fitted, info = _resolve(est_or_checkpoint, fitted)
+    taps, monitor = _plan(est, fitted, store, tap)
+    mesh = _mesh(devices)
+    n_dev = mesh.devices.size
+    b = _block_rows(store, block_rows, n_dev)
+    n = store.rows
+    n_blocks = -(-n // b)
+    out = os.path.abspath(os.fspath(out))
+    score_fn, row_sharding, rep = _scorer(est, monitor, taps, mesh)
+    fitted_dev = jax.device_put(fitted, rep)
+
+    # Score keys and dtypes from an abstract evaluation (no data read, no compile).
+    abstract = {
+        t: jax.ShapeDtypeStruct((b, int(store.taps[t].shape[1])), store.taps[t].dtype.numpy_dtype)
+        for t in taps
+    }
+    mask_abs = jax.ShapeDtypeStruct((b,), jnp.bool_)
+    keys = list(jax.eval_shape(score_fn, fitted_dev, abstract, mask_abs))
+    calibrated = _is_calibrated(fitted)
+    query = {
+        "format": "jaxmon-query",
+        "store": store.directory,
+        "rows": n,
+        "block_rows": b,
+        "devices": n_dev,
+        "keys": keys,
+        "taps": taps,
+        "spec": est.spec.to_dict(),
+        "calibrated": calibrated,
+        "top_k": top_k,
+        **info,
+    }
+    qpath, ppath = os.path.join(out, "query.json"), os.path.join(out, "progress.json")
+    start_block = 0
+    topk = {k: (np.zeros(0, np.int64), np.zeros(0, np.float32)) for k in keys}
+    fresh = True
+    if resume and os.path.exists(qpath) and os.path.exists(ppath):
+        with open(qpath) as f:
+            old = json.load(f)
+        if old != query:
+            raise StoreError(
+                f"{out} holds a different query (store, estimator, blocks or devices differ); "
+                "choose another output directory or pass resume=False"
+            )
+        with open(ppath) as f:
+            prog = json.load(f)
+        start_block = int(prog["next_block"])
+        topk = {
+            k: (np.asarray(v["rows"], np.int64), np.asarray(v["scores"], np.float32))
+            for k, v in prog["topk"].items()
+        }
+        fresh = False
+    if fresh:
+        import shutil
+
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.makedirs(out)
+    outs = {}
+    for i, k in enumerate(keys):
+        from jaxmon.io import _zarr3_spec  # the writer's array layout, in one place
+
+        spec = _zarr3_spec(_score_path(out, i, k), (n,), "float32", (b,))
+        if not fresh:
+            spec = {"driver": "zarr3", "kvstore": spec["kvstore"]}
+        outs[k] = ts.open(spec, open=not fresh).result()
+    if fresh:
+        _write_json_atomic(qpath, query)
+        _write_json_atomic(ppath, {"next_block": 0, "topk": _topk_json(topk)})
+
+    bar = _Progress(n, progress)
+
+    def issue(i: int):
+        lo = i * b
+        return lo, {t: store.read(t, lo, lo + b) for t in taps}
+
+    pending = issue(start_block) if start_block < n_blocks else None
+    for i in range(start_block, n_blocks):
+        lo, futs = pending
+        pending = issue(i + 1) if i + 1 < n_blocks else None  # read-ahead
+        valid = min(b, n - lo)
+        xs = {}
+        for t, fut in futs.items():
+            x = fut.result()
+            if valid < b:  # pad the tail: same shapes, one compilation
+                pad = np.zeros((b, *x.shape[1:]), x.dtype)
+                pad[:valid] = x
+                x = pad
+            xs[t] = jax.device_put(x, row_sharding)
+        mask = jax.device_put(np.arange(b) < valid, row_sharding)
+        scores = jax.device_get(score_fn(fitted_dev, xs, mask))
+        writes = []
+        for k in keys:
+            s = np.asarray(scores[k][:valid], np.float32)
+            writes.append(outs[k][lo : lo + valid].write(s))
+            part = np.argpartition(-s, min(top_k, valid) - 1)[:top_k] if valid > top_k else None
+            idx = np.arange(valid) if part is None else part
+            topk[k] = _topk_merge(*topk[k], lo + idx.astype(np.int64), s[idx], top_k)
+        for w in writes:
+            w.result()
+        # The block's scores are on disk: only now does the progress record move past it.
+        _write_json_atomic(ppath, {"next_block": i + 1, "topk": _topk_json(topk)})
+        bar.update(lo + valid, start_block * b)
+        if callback is not None:
+            callback(lo + valid, n)
+
+    summary = _summarize(store, out, keys, outs, topk, b, fitted, calibrated, query)
+    return QueryResult(out, n, keys, summary)
+
+
+def _topk_json(topk) -> dict[str, Any]:
+    # float(np.float32) is exact in a double, and JSON writes doubles with round-trip repr.
+    return {
+        k: {"rows": [int(r) for r in rows], "scores": [float(s) for s in sc]}
+        for k, (rows, sc) in topk.items()
+    }
+
+
+def _summarize(store, out, keys, outs, topk, b, fitted, calibrated, query) -> dict[str, Any]:
+    """Second, cheap pass over the written scores: per-sequence aggregates and statistics."""
+    n = store.rows
+    per_key = {
+        k: {
+            "sum": 0.0,
+            "sumsq": 0.0,
+            "min": np.inf,
+            "max": -np.inf,
+            "exceed": dict.fromkeys(FPRS, 0),
+        }
+        for k in keys
+    }
+    parts = []
+    has_meta = "sequence_id" in store.meta
+    for lo in range(0, n, b):
+        hi = min(n, lo + b)
+        blk = {k: outs[k][lo:hi].read().result().astype(np.float64) for k in keys}
+        for k, s in blk.items():
+            st = per_key[k]
+            st["sum"] += float(s.sum())
+            st["sumsq"] += float((s * s).sum())
+            st["min"], st["max"] = min(st["min"], float(s.min())), max(st["max"], float(s.max()))
+            if calibrated:  # calibrated scores are -log10 p
+                for fpr in FPRS:
+                    st["exceed"][fpr] += int(np.sum(s >= -np.log10(fpr)))
+        if has_meta:
+            seq = store.read_meta("sequence_id", lo, hi)
+            lab = store.read_meta("label", lo, hi).astype(np.int64)
+            spl = store.read_meta("split", lo, hi).astype(np.int64)
+            uniq, inv = np.unique(seq, return_inverse=True)
+            m = len(uniq)
+            rec = {"sequence_id": uniq, "tokens": np.bincount(inv, minlength=m).astype(np.int64)}
+            rec["label"] = np.full(m, -1, np.int64)
+            np.maximum.at(rec["label"], inv, lab)
+            rec["split"] = np.full(m, -1, np.int64)
+            np.maximum.at(rec["split"], inv, spl)
+            for k, s in blk.items():
+                mx = np.full(m, -np.inf)
+                np.maximum.at(mx, inv, s)
+                rec[f"max/{k}"] = mx
+                rec[f"sum/{k}"] = np.bincount(inv, weights=s, minlength=m)
+            parts.append(rec)
+    seqs: dict[str, np.ndarray] = {}
+    if parts:
+        ids = np.concatenate([p["sequence_id"] for p in parts])
+        uniq, inv = np.unique(ids, return_inverse=True)
+        m = len(uniq)
+        seqs["sequence_id"] = uniq
+        seqs["tokens"] = np.bincount(inv, np.concatenate([p["tokens"] for p in parts]), m)
+        seqs["tokens"] = seqs["tokens"].astype(np.int64)
+        for f in ("label", "split"):
+            v = np.full(m, -1, np.int64)
+            np.maximum.at(v, inv, np.concatenate([p[f] for p in parts]))
+            seqs[f] = v
+        for k in keys:
+            mx = np.full(m, -np.inf)
+            np.maximum.at(mx, inv, np.concatenate([p[f"max/{k}"] for p in parts]))
+            seqs[f"max/{k}"] = mx
+            total = np.bincount(inv, np.concatenate([p[f"sum/{k}"] for p in parts]), m)
+            seqs[f"mean/{k}"] = total / np.maximum(seqs["tokens"], 1)
+        np.savez(os.path.join(out, "sequences.npz"), **seqs)
+    summary: dict[str, Any] = {
+        "rows": n,
+        "keys": {},
+        "sequences": len(seqs.get("sequence_id", [])),
+        "calibrated": calibrated,
+        "store": store.directory,
+        "splits": store.splits,
+        "block_rows": b,
+        "spec": query["spec"],
+    }
+    thresholds = _thresholds(fitted) if calibrated else {}
+    for k in keys:
+        st = per_key[k]
+        rows, sc = topk[k]
+        top = []
+        if has_meta and len(rows):
+            order = np.argsort(rows)
+            seq = np.empty(len(rows), np.int64)
+            pos = np.empty(len(rows), np.int64)
+            # Top-k rows are few: read each row's metadata directly.
+            for j in order:
+                r = int(rows[j])
+                seq[j] = int(store.read_meta("sequence_id", r, r + 1)[0])
+                pos[j] = int(store.read_meta("position", r, r + 1)[0])
+        for j in range(len(rows)):
+            item = {"row": int(rows[j]), "score": float(sc[j])}
+            if has_meta:
+                item["sequence_id"], item["position"] = int(seq[j]), int(pos[j])
+            top.append(item)
+        mean = st["sum"] / max(n, 1)
+        info = {
+            "top": top,
+            "mean": mean,
+            "std": float(np.sqrt(max(st["sumsq"] / max(n, 1) - mean * mean, 0.0))),
+            "min": st["min"],
+            "max": st["max"],
+        }
+        if calibrated:
+            info["exceedances"] = {str(f): c for f, c in st["exceed"].items()}
+            if thresholds.get(k, thresholds.get("*")):
+                info["raw_thresholds"] = thresholds.get(k, thresholds.get("*"))
+        summary["keys"][k] = info
+    _write_json_atomic(os.path.join(out, "summary.json"), summary)
+    return summary
+
+
+def _thresholds(fitted) -> dict[str, dict[str, float]]:
+    """Raw-score thresholds at each FPR, per key, for a calibrated fitted value."""
+    from jaxmon._calibration import threshold
+
+    out: dict[str, dict[str, float]] = {}
+    for fpr in FPRS:
+        th = threshold(fitted, fpr=fpr)
+        items = th.items() if isinstance(th, Mapping) else [(None, th)]
+        for k, v in items:
+            out.setdefault(k, {})[str(fpr)] = float(np.asarray(v))
+    if None in out:  # a single estimator: its only key is the tap (filled by the caller)
+        single = out.pop(None)
+        return {"*": single}
+    return out
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def fit_store(
+    store: Store | str | os.PathLike,
+    est: Estimator,
+    state: Any = None,
+    *,
+    tap: str | None = None,
+    split: str | None = None,
+    block_rows: int | None = None,
+    monitor: bool | None = None,
+) -> tuple[Any, Any]:
+    """Folds the rows of a store (optionally one split) into an estimator's state.
+
+    Args:
+      store: a :class:`Store` or its directory.
+      est: the estimator (a monitor receives ``{tap: rows}`` of every tap in the store).
+      state: a state to continue (default ``est.init(example)``).
+      tap: for a single-tap estimator, which tap to fit on (needed with several taps).
+      split: only rows of this split (e.g. ``"trusted"``).
+      block_rows: rows per block (chunk aligned; the tail is masked so it compiles once).
+      monitor: whether ``est`` takes a dict of taps (default: when its spec is a monitor's).
+
+    Returns:
+      ``(state, example)``: the state and the ``init`` example (for checkpoints).
+    """
+    store = _as_store(store)
+    if monitor is None:
+        monitor = est.spec.name == "monitor" or (
+            est.spec.name == "calibrated" and "monitor" in json.dumps(est.spec.to_dict())
+        )
+    if monitor:
+        taps = list(store.taps)
+    else:
+        if tap is None:
+            if len(store.taps) != 1:
+                raise StoreError(
+                    f"the store holds taps {sorted(store.taps)}; say which one to fit with tap="
+                )
+            tap = next(iter(store.taps))
+        if tap not in store.taps:
+            raise StoreError(f"the store has no tap {tap!r} (taps: {sorted(store.taps)})")
+        taps = [tap]
+    code = None
+    if split is not None:
+        if split not in store.splits:
+            raise StoreError(f"the store has no split {split!r} (splits: {store.splits})")
+        code = store.splits.index(split)
+    b = _block_rows(store, block_rows, 1)
+    example = {
+        t: jax.ShapeDtypeStruct((int(store.taps[t].shape[1]),), store.taps[t].dtype.numpy_dtype)
+        for t in taps
+    }
+    if not monitor:
+        example = example[taps[0]]
+    if state is None:
+        state = est.init(example)
+    n = store.rows
+
+    def issue(lo):
+        return {t: store.read(t, lo, lo + b) for t in taps}
+
+    pending = issue(0) if n else None
+    for lo in range(0, n, b):
+        futs = pending
+        pending = issue(lo + b) if lo + b < n else None
+        valid = min(b, n - lo)
+        xs = {}
+        for t, fut in futs.items():
+            x = fut.result()
+            if valid < b:
+                pad = np.zeros((b, *x.shape[1:]), x.dtype)
+                pad[:valid] = x
+                x = pad
+            xs[t] = jnp.asarray(x)
+        mask = np.arange(b) < valid
+        if code is not None:
+            sp = np.full(b, -1, np.int8)
+            sp[:valid] = store.read_meta("split", lo, lo + b)
+            mask &= sp == code
+        state = est.update(state, xs if monitor else xs[taps[0]], mask=jnp.asarray(mask))
+    return state, example
