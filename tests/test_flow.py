@@ -1,0 +1,200 @@
+"""The normalising-flow density: laws it can keep, training on a stream, planted anomalies,
+data-parallel steps under shard_map, and checkpoint round trips."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from sklearn.metrics import roc_auc_score
+
+import jaxmon
+from jaxmon.estimators.flow import FlowState
+
+from laws import LawCase, LawSuite, leaves_close
+
+
+def compare_flow_states(est, a, b):
+    """What a flow's state guarantees. Training is not a mergeable summary: one optimizer step
+    on rows ``a ∪ b`` differs from steps on ``a`` and on ``b`` averaged by ``merge``, so the
+    split-and-merge law cannot hold for parameters. What does hold, and is checked: the same
+    pytree structure, shapes and dtypes; the standardisation moments and row counters equal
+    (they are an exact mergeable summary). Laws where parameters must agree too (masked rows
+    = dropped rows, jit = eager, merge identity/commutativity/associativity of the parameter
+    average) are tested separately below."""
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert (u.shape, u.dtype) == (v.shape, v.dtype)
+    leaves_close(a.moments, b.moments, rtol=1e-4, atol=1e-4)
+
+
+def compare_flow_states_bf16(est, a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    leaves_close(a.moments.counts, b.moments.counts, rtol=0, atol=0)
+    np.testing.assert_allclose(a.moments.mean, b.moments.mean, rtol=1e-2, atol=0.05)
+
+
+FLOW = dict(num_layers=2, hidden=16)
+
+
+class TestFlowLaws(LawSuite):
+    case = LawCase(make=lambda: jaxmon.flow(**FLOW), compare=compare_flow_states, weights=True)
+
+    def test_bf16_input_equals_its_float32_upcast(self):
+        # bf16 changes the moments within bf16 rounding; compare at that tolerance.
+        est = self.est
+        xb = jnp.asarray(self.data(8), jnp.bfloat16)
+        sb = est.update(self.empty(est, jnp.bfloat16), xb)
+        sf = est.update(self.empty(est), xb.astype(jnp.float32))
+        compare_flow_states_bf16(est, sb, sf)
+
+
+def _manifold(rng, n, d=4):
+    """Rows on a curved manifold with activation-like offsets: x1 = sin(2 x0), x3 = x0 x2."""
+    z = rng.standard_normal((n, d))
+    z[:, 1] = np.sin(2 * z[:, 0]) + 0.1 * z[:, 1]
+    z[:, 3] = z[:, 0] * z[:, 2] + 0.1 * z[:, 3]
+    return (z * np.array([3.0, 0.5, 2.0, 1.0]) + np.array([40.0, -7.0, 12.0, 3.0])).astype(
+        np.float32
+    )
+
+
+def _off_manifold(rng, n, d=4):
+    """Same per-feature marginals, broken dependence: each column shuffled on its own."""
+    x = _manifold(rng, n, d)
+    return np.stack([rng.permutation(c) for c in x.T], 1)
+
+
+def _train(est, rng, steps, batch=256, state=None):
+    state = est.init(jax.ShapeDtypeStruct((4,), jnp.float32)) if state is None else state
+    for _ in range(steps):
+        state = est.update(state, jnp.asarray(_manifold(rng, batch)))
+    return state
+
+
+def test_trains_on_a_stream_and_scores_planted_anomalies_higher():
+    rng = np.random.default_rng(0)
+    est = jaxmon.flow(num_layers=4, hidden=32, learning_rate=3e-3)
+    held_out = jnp.asarray(_manifold(np.random.default_rng(1), 2000))
+    state = _train(est, rng, 1)
+    nll = [float(jnp.mean(est.score(est.finalize(state), held_out)))]
+    for _ in range(3):
+        state = _train(est, rng, 100, state=state)
+        nll.append(float(jnp.mean(est.score(est.finalize(state), held_out))))
+    assert int(state.step) == 301 and jaxmon.num_rows(state) == 301 * 256
+    # Held-out NLL decreases over training, by far more than its sampling noise (~0.03 nats).
+    assert nll[-1] < nll[0] - 1.0, nll
+    assert all(b < a + 0.05 for a, b in itertools.pairwise(nll)), nll
+    # After 1 step the flow is ~the identity: its NLL is that of the diagonal Gaussian.
+    x = np.asarray(held_out, np.float64)
+    diag_nll = 0.5 * np.mean(np.sum((x - x.mean(0)) ** 2 / x.var(0), 1))
+    diag_nll += 0.5 * np.sum(np.log(2 * np.pi * x.var(0)))
+    assert abs(nll[0] - diag_nll) < 0.2, (nll[0], diag_nll)
+    fitted = est.finalize(state)
+    ok = np.asarray(est.score(fitted, held_out[:1000]))
+    odd = np.asarray(est.score(fitted, jnp.asarray(_off_manifold(np.random.default_rng(2), 1000))))
+    auroc = roc_auc_score(np.r_[np.zeros(1000), np.ones(1000)], np.r_[ok, odd])
+    assert auroc > 0.9, auroc
+
+
+def _state(est, seed, n=96):
+    rows = _manifold(np.random.default_rng(seed), n)
+    return est.update(est.init(jax.ShapeDtypeStruct((4,), jnp.float32)), jnp.asarray(rows)), rows
+
+
+def test_masked_rows_leave_parameters_equal():
+    est = jaxmon.flow(**FLOW)
+    s = _train(est, np.random.default_rng(3), 3, batch=64)  # non-zero output layers
+    x = _manifold(np.random.default_rng(4), 64)
+    keep = np.random.default_rng(5).random(64) < 0.6
+    garbage = x.copy()
+    garbage[~keep] = 1e4
+    garbage[0] = np.nan
+    keep[0] = True  # a NaN row that is not masked: excluded and counted
+    masked = est.update(s, jnp.asarray(garbage), mask=jnp.asarray(keep))
+    keep[0] = False
+    dropped = est.update(s, jnp.asarray(x[keep]))
+    leaves_close(masked.params, dropped.params, rtol=1e-5, atol=1e-6)
+    assert int(masked.step) == 4 and jaxmon.num_nonfinite(masked) == 1
+    # A batch with no valid row takes no step.
+    none = est.update(s, jnp.asarray(x), mask=jnp.zeros(64, bool))
+    leaves_close(none.params, s.params, rtol=0, atol=0)
+    assert int(none.step) == int(s.step)
+
+
+def test_merge_averages_parameters_by_rows_seen():
+    est = jaxmon.flow(**FLOW)
+    (a, _), (b, _), (c, _) = _state(est, 6, 96), _state(est, 7, 32), _state(est, 8, 64)
+    empty = est.init(jax.ShapeDtypeStruct((4,), jnp.float32))
+    leaves_close(est.merge(empty, a), a, rtol=0, atol=0)
+    # Commutative up to rounding (the compiler may fuse w_a·x + w_b·y into either fma).
+    leaves_close(est.merge(a, b), est.merge(b, a), rtol=1e-6, atol=1e-9)
+    leaves_close(
+        est.merge(est.merge(a, b), c).params,
+        est.merge(a, est.merge(b, c)).params,
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    m = est.merge(a, b)
+    want = (96 * np.asarray(a.params["w2"]) + 32 * np.asarray(b.params["w2"])) / 128
+    np.testing.assert_allclose(np.asarray(m.params["w2"]), want, rtol=1e-5, atol=1e-7)
+    assert jaxmon.num_rows(m) == 128 and not est.spec.mergeable
+
+
+def test_checkpoint_round_trips_resume_training_exactly(tmp_path):
+    est = jaxmon.flow(**FLOW, seed=3)
+    rng = np.random.default_rng(9)
+    s = _train(est, rng, 5, batch=64)
+    nxt = jnp.asarray(_manifold(rng, 64))
+    # Flatten to numpy and back (what any array store does).
+    leaves, treedef = jax.tree.flatten(s)
+    restored = jax.tree.unflatten(treedef, [jnp.asarray(np.asarray(v)) for v in leaves])
+    rebuilt = jaxmon.from_spec(est.spec.to_json())
+    leaves_close(
+        rebuilt.init(jax.ShapeDtypeStruct((4,), jnp.float32)).params,
+        _train(est, rng, 0).params,
+        rtol=0,
+        atol=0,
+    )
+    leaves_close(rebuilt.update(restored, nxt), est.update(s, nxt), rtol=0, atol=0)
+    # Through orbax (jaxmon.checkpoint), with the fitted value too.
+    from jaxmon import checkpoint
+
+    ex = jax.ShapeDtypeStruct((4,), jnp.float32)
+    checkpoint.save(tmp_path / "ckpt", est, s, fitted=est.finalize(s), example=ex)
+    ck = checkpoint.load(tmp_path / "ckpt")
+    assert isinstance(ck.state, FlowState) and ck.estimator.spec == est.spec
+    leaves_close(ck.estimator.update(ck.state, nxt), est.update(s, nxt), rtol=0, atol=0)
+    np.testing.assert_array_equal(
+        np.asarray(ck.estimator.score(ck.fitted, nxt)), np.asarray(est.score(est.finalize(s), nxt))
+    )
+
+
+def test_data_parallel_step_equals_one_device_step():
+    """Under shard_map with axis_name, each replica sees half the batch; the step equals one
+    step on the whole batch on one device (gradients and moments reduced over the axis)."""
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    est_dp = jaxmon.flow(**FLOW, axis_name="data")
+    est_1 = jaxmon.flow(**FLOW)
+    x = jnp.asarray(_manifold(np.random.default_rng(10), 128))
+    s0 = est_1.update(est_1.init(jax.ShapeDtypeStruct((4,), jnp.float32)), x[:64])
+    step = jax.jit(
+        jax.shard_map(
+            lambda s, xb: est_dp.update(s, xb), mesh=mesh, in_specs=(P(), P("data")), out_specs=P()
+        )
+    )
+    got = step(s0, x)
+    jax.block_until_ready(got)
+    want = est_1.update(s0, x)
+    leaves_close(got.moments, want.moments, rtol=1e-5, atol=1e-4)
+    leaves_close(got.params, want.params, rtol=1e-4, atol=1e-6)
+    assert jaxmon.num_rows(got) == 64 + 128
+
+
+def test_bad_inputs():
+    with pytest.raises(jaxmon.ShapeError, match="at least 2 features"):
+        jaxmon.flow().init(jax.ShapeDtypeStruct((1,), jnp.float32))
+    with pytest.raises(ValueError, match="num_layers"):
+        jaxmon.flow(num_layers=1)
