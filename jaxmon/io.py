@@ -441,7 +441,10 @@ class _NpyStream:
     def __init__(self, zf: zipfile.ZipFile, member: str):
         self.f = zf.open(member)
         version = np.lib.format.read_magic(self.f)
-        shape, fortran, dtype = np.lib.format._read_array_header(self.f, version)
+        read = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+            version, np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read(self.f)
         if fortran:
             raise ValueError(f"{member}: Fortran-ordered arrays are not supported; save C order")
         self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
