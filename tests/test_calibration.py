@@ -230,3 +230,33 @@ def test_protocol_errors():
         jaxmon.combine(jnp.ones((2, 3)), method="stouffer", axis=0)
     rebuilt = jaxmon.from_spec(cal.spec.to_json())
     assert rebuilt.spec == cal.spec
+
+
+@pytest.mark.slow
+def test_calibrated_detectors_example_prints_real_numbers(capsys):
+    import importlib.util
+    import pathlib
+    import re
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "calibrated_detectors.py"
+    spec = importlib.util.spec_from_file_location("calibrated_detectors", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    results = mod.main(["--seed", "1"])
+    out = capsys.readouterr().out
+    rows = re.findall(
+        r"detector=(\S+) auroc=([\d.]+) recall@1%fpr=([\d.]+) threshold@1%fpr=(\S+) "
+        r"fpr_at_threshold=([\d.]+)",
+        out,
+    )
+    assert len(rows) == 4, out  # three detectors and the combined score
+    for name, auc, recall, thr, fpr in rows:
+        auc, recall, thr, fpr = float(auc), float(recall), float(thr), float(fpr)
+        assert auc == pytest.approx(results[name]["auroc"], abs=1e-4)
+        assert 0.75 < auc <= 1.0, (name, auc)  # planted anomalies are found
+        assert 0.0 < recall <= 1.0 and np.isfinite(thr)
+        # The 1% threshold from held-out trusted rows gives ~1% FPR on fresh trusted rows
+        # (3000 rows: binomial sd 0.0018).
+        assert fpr < 0.02, (name, fpr)
+    seq = re.findall(r"sequences=(\S+) ((?:auroc\[\S+\]=[\d.]+ ?)+)", out)
+    assert {s for s, _ in seq} == {"max", "mean", "max_rolling_mean"}
