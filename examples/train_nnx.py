@@ -94,7 +94,7 @@ def build(args: argparse.Namespace, seed: int = 0):
     """Model, optimizer, monitor, and the jitted train step."""
     model = LM(args.vocab, args.d, args.layers, args.heads, args.seq, rngs=nnx.Rngs(seed))
     opt = nnx.Optimizer(model, optax.adamw(args.lr), wrt=nnx.Param)
-    monitor = jaxmon.every_k(jaxmon.monitor({"blocks/*": jaxmon.gaussian()}), args.every_k)
+    monitor = jaxmon.every_k(jaxmon.monitor({args.taps: jaxmon.gaussian()}), args.every_k)
     graphdef, state = nnx.split((model, opt))
 
     def forward(model, tokens, valid):
@@ -141,6 +141,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--every-k", type=int, default=1)
+    p.add_argument("--taps", default="blocks/*", help="glob over tap names to monitor")
     return p.parse_args(argv)
 
 
