@@ -418,13 +418,19 @@ def score_store(
     score_fn, row_sharding, rep = _scorer(est, monitor, taps, mesh)
     fitted_dev = jax.device_put(fitted, rep)
 
-    # Score keys and dtypes from an abstract evaluation (no data read, no compile).
+    # Trace and compile once for the padded block shape; every block (the tail too) reuses it.
     abstract = {
-        t: jax.ShapeDtypeStruct((b, int(store.taps[t].shape[1])), store.taps[t].dtype.numpy_dtype)
+        t: jax.ShapeDtypeStruct(
+            (b, int(store.taps[t].shape[1])),
+            store.taps[t].dtype.numpy_dtype,
+            sharding=row_sharding,
+        )
         for t in taps
     }
-    mask_abs = jax.ShapeDtypeStruct((b,), jnp.bool_)
-    keys = list(jax.eval_shape(score_fn, fitted_dev, abstract, mask_abs))
+    mask_abs = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=row_sharding)
+    lowered = score_fn.lower(fitted_dev, abstract, mask_abs)
+    keys = list(lowered.out_info)
+    score_fn = lowered.compile()
     calibrated = _is_calibrated(fitted)
     query = {
         "format": "jaxmon-query",

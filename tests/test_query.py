@@ -1,0 +1,219 @@
+"""Batch queries: score_store against direct scoring, top-k and sequence aggregates against
+numpy, one compilation, 8 devices, calibrated p-values, kill-and-resume bit for bit, and
+truncated stores."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmon
+from jaxmon import checkpoint, io, query
+
+D = 8
+
+
+@pytest.fixture
+def store(tmp_path, rng):
+    """1,000 tokens (20 sequences of 50) of two taps; trusted, then labelled query rows."""
+    with io.ActivationWriter(tmp_path / "store", chunk_rows=32) as w:
+        for i in range(5):
+            x = rng.normal(size=(4, 50, D)).astype(np.float32)
+            if i >= 3:
+                x[1::2, 10:20] += 4.0  # anomalous stretch in odd sequences of the query split
+            w.write(
+                {"h": x, "g": x[..., :3] * 2},
+                split="trusted" if i < 3 else "query",
+                label=np.array([0, 1, 0, 1]) if i >= 3 else None,
+            )
+    return tmp_path / "store"
+
+
+def _fit(store, est=None):
+    est = est or jaxmon.gaussian(shrinkage=0.1)
+    state, example = query.fit_store(store, est, tap="h", split="trusted")
+    return est, state, example
+
+
+def test_fit_store_equals_direct_update(store):
+    est, state, _ = _fit(store)
+    st = query.open_store(store)
+    x = st.taps["h"][:600].read().result()  # the trusted rows come first
+    ref = est.update(est.init(jax.ShapeDtypeStruct((D,), jnp.float32)), jnp.asarray(x))
+    assert jaxmon.num_rows(state) == 600
+    np.testing.assert_allclose(state.mean, ref.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.m2, ref.m2, rtol=1e-4, atol=1e-4)
+
+
+def test_score_store_matches_direct_scores_topk_and_sequences(store, tmp_path):
+    est, state, _ = _fit(store)
+    fitted = est.finalize(state)
+    traces = []
+
+    def counting_score(f, x, *, mask=None):
+        traces.append(x.shape)  # runs once per trace of the block scorer
+        return est.score(f, x, mask=mask)
+
+    counted = est._replace(score=counting_score)
+    res = query.score_store(
+        store, counted, fitted, out=tmp_path / "q", tap="h", block_rows=96, top_k=7
+    )
+    assert len(traces) == 1  # 1,000 rows in blocks of 96 (tail padded): one compilation
+    st = query.open_store(store)
+    x = st.taps["h"][:].read().result()
+    ref = np.asarray(est.score(fitted, jnp.asarray(x)), np.float64)
+    got = res.scores("h")
+    assert got.shape == (1000,)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    # Top-k: exactly numpy's top 7 of the written scores (ties broken by row).
+    order = np.lexsort((np.arange(1000), -got.astype(np.float64)))[:7]
+    assert [t["row"] for t in res.top("h")] == order.tolist()
+    assert [t["score"] for t in res.top("h")] == got[order].astype(np.float64).tolist()
+    seq_ids = st.read_meta("sequence_id", 0, 1000)
+    assert [t["sequence_id"] for t in res.top("h")] == seq_ids[order].tolist()
+    # Per-sequence max and mean against a numpy group-by.
+    seqs = res.sequences()
+    np.testing.assert_array_equal(seqs["sequence_id"], np.arange(20))
+    for s in range(20):
+        sel = got[seq_ids == s].astype(np.float64)
+        assert seqs["max/h"][s] == sel.max()
+        np.testing.assert_allclose(seqs["mean/h"][s], sel.mean(), rtol=1e-12)
+    np.testing.assert_array_equal(seqs["label"], [-1] * 12 + [0, 1, 0, 1] * 2)
+    # The planted anomalies lead the ranking of query sequences.
+    q = seqs["split"] == 1
+    assert jaxmon.metrics.auroc(seqs["max/h"][q], seqs["label"][q]) == 1.0
+
+
+def test_monitor_scores_every_key_over_eight_devices(store, tmp_path):
+    assert len(jax.local_devices()) == 8
+    mon = jaxmon.monitor({"*": jaxmon.gaussian(diagonal=True)})
+    state, _example = query.fit_store(store, mon, split="trusted")
+    fitted = mon.finalize(state)
+    res = query.score_store(store, mon, fitted, out=tmp_path / "q", block_rows=64)
+    assert res.summary["block_rows"] % 8 == 0
+    st = query.open_store(store)
+    taps = {t: jnp.asarray(st.taps[t][:].read().result()) for t in ("h", "g")}
+    ref = mon.score(fitted, taps)
+    assert sorted(res.keys) == sorted(ref)
+    for k in res.keys:
+        np.testing.assert_allclose(res.scores(k), ref[k], rtol=1e-5, atol=1e-5)
+
+
+def test_calibrated_monitor_reports_exceedances(store, tmp_path):
+    cal = jaxmon.calibrated(jaxmon.gaussian(shrinkage=0.1))
+    st = query.open_store(store)
+    x = st.taps["h"][:600].read().result()
+    s = cal.update(cal.init(jax.ShapeDtypeStruct((D,), jnp.float32)), jnp.asarray(x[:300]))
+    s = jaxmon.begin_calibration(cal, s)
+    s = cal.update(s, jnp.asarray(x[300:600]))
+    fitted = cal.finalize(s)
+    res = query.score_store(store, cal, fitted, out=tmp_path / "q", tap="h", block_rows=128)
+    assert res.summary["calibrated"]
+    p = np.asarray(jaxmon.p_values(fitted, jnp.asarray(st.taps["h"][:].read().result())))
+    info = res.summary["keys"]["h"]
+    for fpr in query.FPRS:
+        # -log10 p >= -log10 fpr  <=>  p <= fpr (up to float rounding at the boundary)
+        assert abs(info["exceedances"][str(fpr)] - int(np.sum(p <= fpr))) <= 1
+        thr = float(np.asarray(jaxmon.threshold(fitted, fpr=fpr)))
+        assert info["raw_thresholds"][str(fpr)] == thr
+
+
+def test_checkpoint_path_and_errors(store, tmp_path):
+    est, state, example = _fit(store)
+    checkpoint.save(tmp_path / "ck", est, state, example=example)
+    res = query.score_store(store, str(tmp_path / "ck"), out=tmp_path / "q", tap="h")
+    assert res.summary["rows"] == 1000
+    with pytest.raises(query.StoreError, match="say which one"):
+        query.score_store(store, str(tmp_path / "ck"), out=tmp_path / "q2")
+    with pytest.raises(query.StoreError, match="no tap 'nope'"):
+        query.score_store(store, str(tmp_path / "ck"), out=tmp_path / "q2", tap="nope")
+    with pytest.raises(query.StoreError, match="different query"):
+        query.score_store(store, str(tmp_path / "ck"), out=tmp_path / "q", tap="h", block_rows=64)
+
+
+def test_truncated_stores_give_clear_errors(store, tmp_path):
+    manifest = json.loads((store / "manifest.json").read_text())
+    chunk = store / manifest["taps"]["h"]["path"] / "c" / "3" / "0"
+    data = chunk.read_bytes()
+    chunk.unlink()
+    with pytest.raises(query.StoreError, match=r"truncated: chunk 3 of tap 'h' is missing"):
+        query.open_store(store)
+    chunk.write_bytes(data)
+    query.open_store(store)
+    manifest["rows"] = 5000
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(query.StoreError, match="holds 1000 rows but the manifest says 5000"):
+        query.open_store(store)
+    (store / "manifest.json").unlink()
+    with pytest.raises(query.StoreError, match="no manifest.json"):
+        query.open_store(store)
+    with pytest.raises(query.StoreError, match="no activation store"):
+        query.open_store(tmp_path / "nowhere")
+
+
+def _files(directory):
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, directory)] = open(p, "rb").read()
+    return out
+
+
+@pytest.mark.slow
+def test_killed_query_resumes_bit_identically(tmp_path, rng):
+    n_seq = 40
+    with io.ActivationWriter(tmp_path / "store", chunk_rows=32) as w:
+        for _ in range(4):
+            w.write({"h": rng.normal(size=(n_seq // 4, 64, D)).astype(np.float32)}, split="trusted")
+    est, state, example = _fit(tmp_path / "store")
+    ck = tmp_path / "ck"
+    checkpoint.save(ck, est, state, fitted=est.finalize(state), example=example)
+    out = tmp_path / "killed"
+    script = os.path.join(os.path.dirname(__file__), "_kill_query.py")
+    cmd = [sys.executable, script, str(tmp_path / "store"), str(ck), str(out), "64", "0.3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        done = 0
+        while done < 3:
+            assert proc.poll() is None, "the query ended before it could be killed"
+            assert time.time() < deadline
+            try:
+                done = json.loads((out / "progress.json").read_text())["next_block"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                pass
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = json.loads((out / "progress.json").read_text())["next_block"]
+    assert 3 <= killed_at < 40  # 2,560 rows in blocks of 64
+    calls = []
+    query.score_store(
+        tmp_path / "store",
+        str(ck),
+        out=out,
+        tap="h",
+        block_rows=64,
+        top_k=10,
+        callback=lambda d, t: calls.append(d),
+    )
+    assert len(calls) == 40 - killed_at  # it resumed, it did not start over
+    query.score_store(
+        tmp_path / "store", str(ck), out=tmp_path / "straight", tap="h", block_rows=64, top_k=10
+    )
+    a, b = _files(out), _files(tmp_path / "straight")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name] == b[name], name
