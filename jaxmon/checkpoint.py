@@ -101,6 +101,16 @@ def _structure(tree: Any) -> Any:
             "cls": f"{cls.__module__}:{cls.__qualname__}",
             "fields": [[f, _structure(getattr(tree, f))] for f in cls._fields],
         }
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        # A dataclass registered as a pytree (jax.tree_util.register_dataclass): plain values
+        # (str, int, float, bool) are its static metadata, stored as they are.
+        cls = type(tree)
+        fields = []
+        for f in dataclasses.fields(tree):
+            v = getattr(tree, f.name)
+            static = isinstance(v, str | bool | int | float) and not hasattr(v, "shape")
+            fields.append([f.name, {"t": "static", "value": v} if static else _structure(v)])
+        return {"t": "dataclass", "cls": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
     if isinstance(tree, Mapping):
         for k in tree:
             if not isinstance(k, str):
@@ -128,7 +138,9 @@ def _build(struct: Any, leaf: Callable[[str, tuple[int, ...], Any], Any], path: 
         return None
     if t == "leaf":
         return leaf(path, tuple(struct["shape"]), jnp.dtype(struct["dtype"]))
-    if t == "namedtuple":
+    if t == "static":
+        return struct["value"]
+    if t in ("namedtuple", "dataclass"):
         mod, _, qual = struct["cls"].partition(":")
         try:
             cls: Any = importlib.import_module(mod)
@@ -139,7 +151,8 @@ def _build(struct: Any, leaf: Callable[[str, tuple[int, ...], Any], Any], path: 
                 f"the checkpoint's state type {struct['cls']} cannot be imported ({e}); was it "
                 "written by another jaxmon version or a plugin that is not installed?"
             ) from None
-        return cls(*[_build(s, leaf, f"{path}.{f}") for f, s in struct["fields"]])
+        built = {f: _build(s, leaf, f"{path}.{f}") for f, s in struct["fields"]}
+        return cls(**built)
     if t == "dict":
         return {k: _build(s, leaf, f"{path}[{k!r}]") for k, s in struct["items"]}
     items = [_build(s, leaf, f"{path}[{i}]") for i, s in enumerate(struct["items"])]
@@ -160,9 +173,13 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
         return None
     if t == "none":
         return None
-    key = "fields" if t == "namedtuple" else "items"
+    if t == "static":
+        if a["value"] != b["value"]:
+            return f"at {path or 'the root'}: {a['value']!r} vs {b['value']!r}"
+        return None
+    key = "fields" if t in ("namedtuple", "dataclass") else "items"
     ia, ib = a[key], b[key]
-    if t in ("namedtuple", "dict"):
+    if t in ("namedtuple", "dataclass", "dict"):
         ka, kb = [k for k, _ in ia], [k for k, _ in ib]
         if ka != kb:
             missing = sorted(set(kb) - set(ka))
@@ -172,7 +189,8 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
                 f"unexpected: {extra})"
             )
         for (k, sa), (_, sb) in zip(ia, ib, strict=True):
-            d = _first_difference(sa, sb, f"{path}.{k}" if t == "namedtuple" else f"{path}[{k!r}]")
+            sub = f"{path}[{k!r}]" if t == "dict" else f"{path}.{k}"
+            d = _first_difference(sa, sb, sub)
             if d:
                 return d
         return None

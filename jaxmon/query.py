@@ -219,7 +219,7 @@ def _resolve(est_or_checkpoint: Any, fitted: Any) -> tuple[Estimator, Any, dict[
 def _plan(est: Estimator, fitted: Any, store: Store, tap: str | None) -> tuple[list[str], bool]:
     """(taps to read, monitor mode)."""
     inner = fitted.inner if _is_calibrated(fitted) else fitted
-    if tap is None and isinstance(inner, Mapping):
+    if isinstance(inner, Mapping):
         needed: list[str] = []
         for key in inner:
             for t in _taps_of_key(str(key)):
@@ -230,6 +230,10 @@ def _plan(est: Estimator, fitted: Any, store: Store, tap: str | None) -> tuple[l
                     )
                 if t not in needed:
                     needed.append(t)
+        if tap is not None and tap not in needed:
+            raise StoreError(
+                f"tap {tap!r} is not scored by this monitor (its keys read taps {needed})"
+            )
         return needed, True
     if tap is None:
         if len(store.taps) != 1:

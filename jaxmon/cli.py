@@ -1,0 +1,287 @@
+"""The ``jaxmon`` command line: fit, score, report, compare, inspect.
+
+Every bad input (missing path, wrong tap name, spec mismatch, truncated store, bad config)
+exits with status 2 and one sentence on stderr; set ``JAXMON_DEBUG=1`` for the traceback.
+
+Config files for ``fit`` (JSON or TOML) describe one estimator or a monitor::
+
+    # fit.toml
+    split = "trusted"                 # rows to fit on (optional; default: all rows)
+    calibration_split = "heldout"     # optional: calibrate p-values on these rows
+    block_rows = 65536                # optional
+
+    [monitor]                         # pattern -> spec, or -> {detector: spec}
+    "blocks/*/mlp_out" = { name = "gaussian", params = { shrinkage = "ledoit_wolf" } }
+    "blocks/0/out -> blocks/1/out" = { name = "transition" }   # a pair of taps
+
+or, for a single tap::
+
+    tap = "resid"
+    [estimator]
+    name = "gaussian"
+    params = { diagonal = true }
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+
+class CliError(Exception):
+    """A bad input, reported as one sentence."""
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise CliError(f"config file {path} does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if path.endswith(".toml"):
+            return tomllib.loads(raw.decode())
+        return json.loads(raw)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CliError(
+            f"config file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'} ({e})"
+        ) from None
+
+
+def _spec_estimator(spec: Any, where: str):
+    import jaxmon
+
+    if isinstance(spec, dict) and "name" in spec:
+        try:
+            return jaxmon.from_spec({"params": {}, **spec})
+        except TypeError as e:
+            raise CliError(f"{where}: bad parameters for {spec['name']!r} ({e})") from None
+    if isinstance(spec, dict):
+        return {k: _spec_estimator(v, f"{where}.{k}") for k, v in spec.items()}
+    raise CliError(f"{where} must be an estimator spec like {{name = 'gaussian', params = {{}}}}")
+
+
+def _build(config: dict[str, Any]):
+    """(estimator, tap or None) from a config."""
+    import jaxmon
+
+    if ("monitor" in config) == ("estimator" in config):
+        raise CliError("the config must have exactly one of a [monitor] or an [estimator] table")
+    if "estimator" in config:
+        est = _spec_estimator(config["estimator"], "estimator")
+        if isinstance(est, dict):
+            raise CliError("[estimator] must be one spec with a name; use [monitor] for several")
+        return est, config.get("tap")
+    mon = {}
+    for pattern, spec in config["monitor"].items():
+        key = tuple(p.strip() for p in pattern.split("->")) if "->" in pattern else pattern
+        mon[key] = _spec_estimator(spec, f"monitor[{pattern!r}]")
+    return jaxmon.monitor(mon), None
+
+
+def _fit(args) -> None:
+    import jaxmon
+    from jaxmon import checkpoint, query
+
+    config = _load_config(args.config)
+    est, tap = _build(config)
+    store = query.open_store(args.store)
+    split = args.split or config.get("split")
+    cal_split = config.get("calibration_split")
+    block_rows = config.get("block_rows")
+    is_monitor = tap is None and est.spec.name == "monitor"
+    if cal_split is not None:
+        est = jaxmon.calibrated(est)
+    state, example = query.fit_store(
+        store, est, tap=tap, split=split, block_rows=block_rows, monitor=is_monitor
+    )
+    if cal_split is not None:
+        state = jaxmon.begin_calibration(est, state)
+        state, _ = query.fit_store(
+            store, est, state, tap=tap, split=cal_split, block_rows=block_rows, monitor=is_monitor
+        )
+    fitted = est.finalize(state)
+    meta = {"store": store.directory, "split": split, "config": config}
+    checkpoint.save(
+        args.out, est, state, fitted=fitted, step=args.step, metadata=meta, example=example
+    )
+    rows = jaxmon.num_rows(state)
+    print(f"fitted {est.spec.name} on {store.rows:,} logged rows ({rows} folded); saved {args.out}")
+
+
+def _score(args) -> None:
+    from jaxmon import checkpoint, query
+
+    ck = checkpoint.load(args.checkpoint, step=args.step)
+    ck_meta_tap = (ck.metadata.get("user") or {}).get("config", {}).get("tap")
+    res = query.score_store(
+        args.store,
+        ck,
+        out=args.out,
+        tap=args.tap or ck_meta_tap,
+        block_rows=args.block_rows,
+        top_k=args.top_k,
+        resume=not args.restart,
+    )
+    print(f"scored {res.rows:,} tokens into {res.directory}")
+    for key in res.keys:
+        top = res.top(key)[:3]
+        best = ", ".join(f"row {t['row']} ({t['score']:.4g})" for t in top)
+        print(f"  {key}: most anomalous {best}")
+
+
+def _report(args) -> None:
+    from jaxmon import report
+
+    path = report.write_report(
+        args.query, args.out, trusted=args.trusted, trusted_split=args.trusted_split
+    )
+    print(f"wrote {path}")
+
+
+def _compare(args) -> None:
+    import jaxmon
+    from jaxmon import checkpoint
+    from jaxmon._calibration import CalibratedFitted
+
+    a = checkpoint.load(args.a)
+    b = checkpoint.load(args.b)
+    if a.metadata["spec"] != b.metadata["spec"]:
+        raise CliError(
+            f"the checkpoints hold different estimators ({a.metadata['spec']['name']} vs "
+            f"{b.metadata['spec']['name']} or different hyperparameters); compare needs the same monitor"
+        )
+    fa = a.fitted if a.fitted is not None else a.estimator.finalize(a.state)
+    fb = b.fitted if b.fitted is not None else b.estimator.finalize(b.state)
+    results = {}
+    if isinstance(fa, CalibratedFitted):
+        inner = jaxmon.compare(fa.inner, fb.inner, skip_unsupported=True)
+        sk = jaxmon.compare(fa.scores, fb.scores, skip_unsupported=True)
+        inner = inner if isinstance(inner, dict) else {"": inner}
+        sk = sk if isinstance(sk, dict) else {"": sk}
+        results.update(inner)
+        results.update({f"{k} (score sketch)".strip(): v for k, v in sk.items()})
+    else:
+        res = jaxmon.compare(fa, fb, skip_unsupported=True)
+        results = res if isinstance(res, dict) else {"": res}
+    if args.json:
+        print(json.dumps({k: r._asdict() for k, r in results.items()}, default=float, indent=1))
+    else:
+        print(jaxmon.comparison_table(results))
+
+
+def _inspect(args) -> None:
+    import jax
+
+    from jaxmon import checkpoint
+
+    ck = checkpoint.load(args.checkpoint, step=args.step)
+    m = ck.metadata
+    leaves = jax.tree_util.tree_leaves_with_path(ck.state)
+    info = {
+        "path": os.path.abspath(args.checkpoint),
+        "steps": checkpoint.steps(args.checkpoint),
+        "step": ck.step,
+        "estimator": m["spec"],
+        "jaxmon_version": m["jaxmon_version"],
+        "created": m["created"],
+        "example": m["example"],
+        "rows": m["rows"],
+        "nonfinite": m["nonfinite"],
+        "has_fitted": ck.fitted is not None,
+        "state_leaves": {jax.tree_util.keystr(p): f"{x.dtype}{list(x.shape)}" for p, x in leaves},
+        "state_bytes": int(sum(x.size * x.dtype.itemsize for _, x in leaves)),
+        "user": m["user"],
+    }
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return
+    print(f"jaxmon checkpoint {info['path']} step {ck.step} (steps {info['steps']})")
+    print(f"  estimator: {json.dumps(m['spec'])}")
+    print(f"  written by jaxmon {m['jaxmon_version']} at {m['created']}")
+    print(f"  init example: {json.dumps(m['example'])}")
+    print(f"  rows: {json.dumps(m['rows'])}  non-finite: {json.dumps(m['nonfinite'])}")
+    print(f"  fitted values: {'yes' if info['has_fitted'] else 'no'}")
+    print(f"  state: {len(leaves)} arrays, {info['state_bytes']:,} bytes")
+    for p, s in list(info["state_leaves"].items())[:40]:
+        print(f"    {p}: {s}")
+    if m["user"]:
+        print(f"  user metadata: {json.dumps(m['user'])[:500]}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jaxmon", description="Mechanistic anomaly detection over logged activations."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="fit a monitor on logged activations and save a checkpoint")
+    f.add_argument("config", help="JSON or TOML file describing the estimator or monitor")
+    f.add_argument("store", help="activation store directory (jaxmon.io.ActivationWriter)")
+    f.add_argument("-o", "--out", required=True, help="checkpoint directory to write")
+    f.add_argument("--split", help="fit only on rows of this split (overrides the config)")
+    f.add_argument("--step", type=int, default=0, help="checkpoint step (default 0)")
+    f.set_defaults(fn=_fit)
+
+    s = sub.add_parser("score", help="score every token of a store against a checkpoint")
+    s.add_argument("store", help="activation store directory")
+    s.add_argument("checkpoint", help="checkpoint directory written by `jaxmon fit`")
+    s.add_argument("-o", "--out", required=True, help="query output directory")
+    s.add_argument("--tap", help="tap scored by a single-tap estimator")
+    s.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    s.add_argument("--block-rows", type=int, help="rows per block (memory bound)")
+    s.add_argument("--top-k", type=int, default=100, help="most anomalous tokens kept per key")
+    s.add_argument("--restart", action="store_true", help="start over instead of resuming")
+    s.set_defaults(fn=_score)
+
+    r = sub.add_parser("report", help="write an HTML report with PNG plots for a query")
+    r.add_argument("query", help="query output directory written by `jaxmon score`")
+    r.add_argument("-o", "--out", required=True, help="report directory")
+    r.add_argument("--trusted", help="a query over trusted data for the reference histogram")
+    r.add_argument("--trusted-split", default="trusted", help="split name of trusted rows")
+    r.set_defaults(fn=_report)
+
+    c = sub.add_parser("compare", help="compare two checkpoints of the same monitor, per tap")
+    c.add_argument("a", help="reference checkpoint")
+    c.add_argument("b", help="checkpoint to audit")
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c.set_defaults(fn=_compare)
+
+    i = sub.add_parser("inspect", help="print what a checkpoint holds")
+    i.add_argument("checkpoint", help="checkpoint directory")
+    i.add_argument("--step", type=int, help="step (default: latest)")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(fn=_inspect)
+    return p
+
+
+def _sentence(e: BaseException) -> str:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    msg = " ".join(str(msg).split())  # one line
+    return msg if msg.endswith((".", "?", "!")) else msg + "."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``jaxmon`` command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except KeyboardInterrupt:
+        print("jaxmon: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("JAXMON_DEBUG"):
+            raise
+        print(f"jaxmon {args.command}: error: {_sentence(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""HTML reports with PNG plots for finished queries (used by ``jaxmon report``).
+
+A report shows, per score key: histograms of the scores of trusted rows against query rows,
+the AUROC of token and sequence scores when labels were logged, and the most anomalous
+sequences with their tokens (the most anomalous token highlighted) when token text was logged.
+Scores are read through :mod:`jaxmon.query` (the only tensorstore reader), subsampled with a
+fixed stride beyond ``max_rows`` so a report over 10^9 tokens stays small.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from typing import Any
+
+import numpy as np
+
+from jaxmon import metrics
+from jaxmon.query import QueryResult, load_result, open_store
+
+__all__ = ["write_report"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _strided(n: int, max_rows: int) -> np.ndarray:
+    step = max(1, -(-n // max_rows))
+    return np.arange(0, n, step)
+
+
+def _read(res: QueryResult, key: str, rows: np.ndarray) -> np.ndarray:
+    if len(rows) == res.rows:
+        return res.scores(key).astype(np.float64)
+    step = int(rows[1] - rows[0]) if len(rows) > 1 else 1
+    out, block = [], 1 << 20
+    for lo in range(0, res.rows, block):  # bounded memory: one block at a time
+        s = res.scores(key, lo, lo + block)
+        first = (-lo) % step
+        out.append(s[first::step])
+    return np.concatenate(out).astype(np.float64)[: len(rows)]
+
+
+def _auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    ok = labels >= 0
+    y = labels[ok] > 0
+    if y.all() or not y.any():
+        return None
+    return float(metrics.auroc(scores[ok], y.astype(np.int32)))
+
+
+def write_report(
+    query_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    trusted: str | os.PathLike | None = None,
+    trusted_split: str = "trusted",
+    max_rows: int = 1_000_000,
+    top_sequences: int = 10,
+    bins: int = 60,
+) -> str:
+    """Writes ``out/index.html`` and one PNG per score key for a finished query.
+
+    Args:
+      query_dir: the ``out`` directory of :func:`jaxmon.query.score_store`.
+      out: the report directory (created).
+      trusted: another finished query (of trusted data) whose scores form the reference
+        histogram; by default the rows of ``trusted_split`` in the same store.
+      trusted_split: split name of the trusted rows when ``trusted`` is not given.
+      max_rows: at most this many rows per histogram (fixed-stride subsample).
+      top_sequences: how many of the most anomalous sequences to list.
+      bins: histogram bins.
+
+    Returns:
+      The path of ``index.html``.
+    """
+    plt = _plt()
+    res = load_result(query_dir)
+    store = open_store(res.summary["store"], check_chunks=False)
+    os.makedirs(out, exist_ok=True)
+    rows = _strided(res.rows, max_rows)
+    splits = store.splits
+    row_split = (
+        np.concatenate(
+            [
+                store.read_meta("split", lo, lo + (1 << 20))[::1]
+                for lo in range(0, res.rows, 1 << 20)
+            ]
+        )[rows]
+        if "split" in store.meta and res.rows
+        else np.zeros(0)
+    )
+    labels = (
+        np.concatenate(
+            [store.read_meta("label", lo, lo + (1 << 20)) for lo in range(0, res.rows, 1 << 20)]
+        )[rows].astype(np.int64)
+        if "label" in store.meta and res.rows
+        else np.full(len(rows), -1)
+    )
+    ref = load_result(trusted) if trusted is not None else None
+    code = splits.index(trusted_split) if trusted_split in splits else None
+    seqs = res.sequences() if os.path.exists(os.path.join(res.directory, "sequences.npz")) else {}
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>jaxmon report</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}"
+        "mark{background:#f88}</style></head><body>",
+        "<h1>jaxmon anomaly report</h1>",
+        f"<p>Store <code>{html.escape(res.summary['store'])}</code>: {res.rows:,} tokens, "
+        f"{res.summary.get('sequences', 0):,} sequences, estimator "
+        f"<code>{html.escape(res.summary['spec']['name'])}</code>"
+        f"{' (calibrated: scores are -log10 p)' if res.summary.get('calibrated') else ''}.</p>",
+        "<h2>Per key</h2><table><tr><th>key</th><th>mean</th><th>max</th>"
+        "<th>token AUROC</th><th>sequence AUROC (max)</th></tr>",
+    ]
+    figs = []
+    for i, key in enumerate(res.keys):
+        s = _read(res, key, rows)
+        if ref is not None:
+            trusted_s = _read(ref, key, _strided(ref.rows, max_rows))
+            query_s = s
+        elif code is not None:
+            trusted_s, query_s = s[row_split == code], s[row_split != code]
+        else:
+            trusted_s, query_s = np.zeros(0), s
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        both = np.concatenate([trusted_s, query_s])
+        edges = np.histogram_bin_edges(both[np.isfinite(both)], bins=bins) if len(both) else bins
+        if len(trusted_s):
+            ax.hist(
+                trusted_s, edges, density=True, alpha=0.55, label=f"trusted ({len(trusted_s):,})"
+            )
+        if len(query_s):
+            ax.hist(query_s, edges, density=True, alpha=0.55, label=f"query ({len(query_s):,})")
+        ax.set_xlabel("score (higher = more anomalous)")
+        ax.set_ylabel("density")
+        ax.set_title(key)
+        ax.legend()
+        fig.tight_layout()
+        png = f"hist_{i:03d}.png"
+        fig.savefig(os.path.join(out, png), dpi=90)
+        plt.close(fig)
+        figs.append((key, png))
+        tok_auc = _auroc(s, labels)
+        seq_auc = None
+        if seqs and f"max/{key}" in seqs:
+            seq_auc = _auroc(seqs[f"max/{key}"], seqs["label"])
+        info = res.summary["keys"][key]
+        fmt = lambda v: "–" if v is None else f"{v:.4f}"
+        parts.append(
+            f"<tr><td>{html.escape(key)}</td><td>{info['mean']:.4g}</td><td>{info['max']:.4g}</td>"
+            f"<td>{fmt(tok_auc)}</td><td>{fmt(seq_auc)}</td></tr>"
+        )
+    parts.append("</table>")
+    for key, png in figs:
+        parts.append(f"<h3>{html.escape(key)}</h3><img src='{png}' alt='histogram of {key}'>")
+    if seqs:
+        parts += _top_sequences_html(res, store, seqs, top_sequences)
+    parts.append("</body></html>")
+    path = os.path.join(out, "index.html")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path
+
+
+def _top_sequences_html(res: QueryResult, store: Any, seqs: dict, k: int) -> list[str]:
+    key = res.keys[0]
+    order = np.argsort(-seqs[f"max/{key}"], kind="stable")[:k]
+    tokens = store.tokens()
+    parts = [
+        f"<h2>Most anomalous sequences (max token score of {html.escape(key)})</h2>",
+        "<table><tr><th>sequence</th><th>max</th><th>mean</th><th>label</th><th>tokens</th></tr>",
+    ]
+    seq_col = None
+    for j in order:
+        sid = int(seqs["sequence_id"][j])
+        text = ""
+        if tokens is not None:
+            if seq_col is None:  # token rows of the listed sequences only
+                seq_col = np.concatenate(
+                    [
+                        store.read_meta("sequence_id", lo, lo + (1 << 20))
+                        for lo in range(0, res.rows, 1 << 20)
+                    ]
+                )
+            where = np.flatnonzero(seq_col == sid)
+            sc = res.scores(key, int(where[0]), int(where[-1]) + 1)[where - where[0]]
+            hot = int(np.argmax(sc)) if len(sc) else -1
+            words = []
+            for t, r in enumerate(where[:200]):
+                w = html.escape(tokens.get(int(r), "?"))
+                words.append(f"<mark title='{sc[t]:.3g}'>{w}</mark>" if t == hot else w)
+            text = " ".join(words)
+        parts.append(
+            f"<tr><td>{sid}</td><td>{seqs[f'max/{key}'][j]:.4g}</td>"
+            f"<td>{seqs[f'mean/{key}'][j]:.4g}</td><td>{int(seqs['label'][j])}</td>"
+            f"<td>{text}</td></tr>"
+        )
+    parts.append("</table>")
+    return parts
