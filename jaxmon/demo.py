@@ -321,10 +321,9 @@ def log_activations(args, model, mon, fitted, corpus: lm.Corpus) -> dict | None:
         model, lambda logits, taps: jax.tree.map(lambda a: a.astype(jnp.bfloat16), taps)
     )
     bs = 64
-    first = forward(q.tokens[:bs])
     if mon is not None and fitted is not None:
-        f32 = jax.tree.map(lambda a: a.astype(jnp.float32), first)
-        mem = jax.device_get(jax.jit(mon.score)(fitted, f32))
+        first = forward(q.tokens[:bs])
+        mem = jax.device_get(jax.jit(mon.score)(fitted, first))
         np.savez(
             args.out / "inmemory_scores.npz",
             keys=np.array(list(mem)),
@@ -335,7 +334,30 @@ def log_activations(args, model, mon, fitted, corpus: lm.Corpus) -> dict | None:
     except ImportError:
         _note("jaxmon.io (ActivationWriter) has not landed: activations are not logged")
         return {"query_tokens": n_tok, "logged": False}
-    raise NotImplementedError(jio)
+    c0 = time.process_time()
+    stores = {}
+    for split, rows, kind in (
+        ("calib", calib, np.zeros(len(calib), np.int32)),
+        ("query", q.tokens, q.kind),
+    ):
+        path = args.out / "store" / split
+        with jio.ActivationWriter(path, dtype="bfloat16", overwrite=True) as w:
+            for lo in range(0, len(rows), bs):
+                tok = rows[lo : lo + bs]
+                w.write(
+                    forward(tok),
+                    label=kind[lo : lo + bs],
+                    split=split,
+                    tokens=[lm.token_text(t) for t in tok],
+                )
+        stores[split] = {"path": str(path), "rows": w.rows}
+    return {
+        "query_tokens": n_tok,
+        "calib_tokens": int(calib.size),
+        "logged": True,
+        "stores": stores,
+        "log_cpu_seconds": time.process_time() - c0,
+    }
 
 
 # --------------------------------------------------------------------------- main
