@@ -15,6 +15,7 @@ peak fraction does not apply.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import platform
 import statistics
 import time
@@ -26,7 +27,6 @@ import numpy as np
 import jaxmon
 
 try:
-    import datasketches
     from datasketches import kll_floats_sketch
 except ImportError as err:  # pragma: no cover
     raise SystemExit(f"bench_quantiles needs the datasketches package: {err}") from None
@@ -92,7 +92,7 @@ def main() -> None:
     print(f"machine: {platform.platform()} | {platform.processor() or platform.machine()}")
     print(
         f"versions: jax {jax.__version__}, numpy {np.__version__}, "
-        f"datasketches {getattr(datasketches, '__version__', '?')}, "
+        f"datasketches {importlib.metadata.version('datasketches')}, "
         f"python {platform.python_version()}"
     )
     print(

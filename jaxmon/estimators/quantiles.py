@@ -233,11 +233,12 @@ def quantiles(*, relative_accuracy: float = 0.01) -> Estimator:
     def update(state: QuantilesState, x, *, mask=None, weights=None) -> QuantilesState:
         rows, _, mk, w = rows_of(state.minimum.shape, x, mask, weights, what="update")
         width = rows.shape[1]
-        finite = jnp.all(jnp.isfinite(rows), axis=-1)
-        sel = jnp.ones(rows.shape[:1], bool) if mk is None else mk.astype(bool)
-        ok, bad = sel & finite, sel & ~finite
-        # Flat 1-D arrays: an [n, 1] layout makes XLA's CPU loops several times slower.
         vals = rows.reshape(-1).astype(jnp.float32)
+        # Flat 1-D arrays when a row is one value: XLA's CPU loops over an [n, 1] layout
+        # (reductions over the unit axis) run several times slower.
+        finite = jnp.isfinite(vals) if width == 1 else jnp.all(jnp.isfinite(rows), axis=-1)
+        sel = jnp.ones(rows.shape[:1], bool) if mk is None else mk.astype(bool)
+        ok = sel & finite
         ok_v = ok if width == 1 else jnp.repeat(ok, width)
         idx = jnp.where(ok_v, _bucket_of(vals, m), jnp.int32(nb))
         if w is None:
@@ -251,13 +252,21 @@ def quantiles(*, relative_accuracy: float = 0.01) -> Estimator:
         # Out-of-range ids (excluded rows) were dropped by the scatter.
         buckets = _add_words(state.buckets, hist)
         shape = state.minimum.shape
-        lo_v = jnp.where(ok_v, vals, jnp.inf).reshape(-1, width)
-        hi_v = jnp.where(ok_v, vals, -jnp.inf).reshape(-1, width)
-        lo = jnp.min(lo_v, axis=0).reshape(shape)
-        hi = jnp.max(hi_v, axis=0).reshape(shape)
-        counts = counts_add(
-            state.counts, jnp.sum(ok).astype(jnp.int32), jnp.sum(bad).astype(jnp.int32)
-        )
+        lo_v = jnp.where(ok_v, vals, jnp.inf)
+        hi_v = jnp.where(ok_v, vals, -jnp.inf)
+        if width == 1:
+            lo, hi = jnp.min(lo_v).reshape(shape), jnp.max(hi_v).reshape(shape)
+        else:
+            lo = jnp.min(lo_v.reshape(-1, width), axis=0).reshape(shape)
+            hi = jnp.max(hi_v.reshape(-1, width), axis=0).reshape(shape)
+        # Row counts from the histogram (B additions) rather than from a pass over the batch:
+        # reductions over millions of bools are a large share of XLA's CPU time here.
+        if w is None:
+            n_ok = (jnp.sum(hist) // jnp.uint32(width)).astype(jnp.int32)
+        else:
+            n_ok = jnp.sum(ok).astype(jnp.int32)
+        n_sel = jnp.int32(rows.shape[0]) if mk is None else jnp.sum(sel).astype(jnp.int32)
+        counts = counts_add(state.counts, n_ok, n_sel - n_ok)
         return QuantilesState(
             counts, buckets, jnp.minimum(state.minimum, lo), jnp.maximum(state.maximum, hi)
         )
