@@ -1,0 +1,181 @@
+"""The jaxmon command line, run as subprocesses: a full fit/inspect/score/report/compare run
+and every kind of bad input (non-zero exit, one sentence on stderr, no traceback)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmon
+from jaxmon import checkpoint, cli, io, query
+
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+ENV.pop("JAXMON_DEBUG", None)
+
+
+def _cmd(*args):
+    return [sys.executable, "-m", "jaxmon.cli", *map(str, args)]
+
+
+def _run(*args):
+    return subprocess.run(_cmd(*args), capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def _parallel(*commands):
+    """Runs commands concurrently; returns their stdouts (each must succeed)."""
+    procs = [
+        subprocess.Popen(
+            _cmd(*c), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+        )
+        for c in commands
+    ]
+    outs = []
+    for c, p in zip(commands, procs, strict=True):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, (c[0], err)
+        outs.append(out)
+    return outs
+
+
+def _store(path, rng):
+    with io.ActivationWriter(path, chunk_rows=64) as w:
+        for i in range(6):
+            x = rng.normal(size=(4, 30, 8)).astype(np.float32)
+            if i >= 4:
+                x[1::2, 5:9] += 5.0
+            w.write(
+                {"blocks/0/out": x, "blocks/1/out": x[..., :4] * 2},
+                split=("trusted", "trusted", "heldout", "heldout", "query", "query")[i],
+                label=np.array([0, 1, 0, 1]) if i >= 4 else None,
+                tokens=[[f"tok{j}" for j in range(30)]] * 4,
+            )
+
+
+@pytest.mark.parametrize("command", [None, "fit", "score", "report", "compare", "inspect"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"] if command is None else [command, "--help"])
+    assert e.value.code == 0
+    assert "usage: jaxmon" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_fit_inspect_score_report_compare(tmp_path, rng):
+    _store(tmp_path / "store", rng)
+    cfg = tmp_path / "fit.toml"
+    cfg.write_text(
+        'split = "trusted"\ncalibration_split = "heldout"\n'
+        '[monitor]\n"blocks/*/out" = { name = "gaussian", params = { shrinkage = 0.1 } }\n'
+    )
+    r = _run("fit", cfg, tmp_path / "store", "-o", tmp_path / "ck")
+    assert r.returncode == 0, r.stderr
+    ck = jaxmon.load(tmp_path / "ck")
+    assert ck.estimator.spec.name == "calibrated" and ck.fitted is not None
+    assert ck.metadata["example"]["dict"]["blocks/1/out"] == {"shape": [4], "dtype": "float32"}
+    # The fit equals fitting the same rows in this process.
+    mon = jaxmon.monitor({"blocks/*/out": jaxmon.gaussian(shrinkage=0.1)})
+    state, _ = query.fit_store(tmp_path / "store", mon, split="trusted")
+    np.testing.assert_allclose(
+        ck.state.inner["blocks/0/out"].m2, state["blocks/0/out"].m2, rtol=1e-5, atol=1e-5
+    )
+
+    cfg2 = tmp_path / "fit2.toml"
+    cfg2.write_text(cfg.read_text().replace('split = "trusted"', 'split = "query"', 1))
+    # Independent commands run side by side: each pays the interpreter and jax start-up.
+    inspect, score, _ = _parallel(
+        ("inspect", tmp_path / "ck", "--json"),
+        ("score", tmp_path / "store", tmp_path / "ck", "-o", tmp_path / "q", "--top-k", "5"),
+        ("fit", cfg2, tmp_path / "store", "-o", tmp_path / "ck2"),
+    )
+    info = json.loads(inspect)
+    assert info["estimator"]["name"] == "calibrated" and info["has_fitted"]
+    assert "scored 720 tokens" in score
+    res = query.load_result(tmp_path / "q")
+    assert sorted(res.keys) == ["blocks/0/out", "blocks/1/out"] and res.summary["calibrated"]
+    assert "exceedances" in res.summary["keys"]["blocks/0/out"]
+
+    _, compare = _parallel(
+        ("report", tmp_path / "q", "-o", tmp_path / "rep"),
+        ("compare", tmp_path / "ck", tmp_path / "ck2", "--json"),
+    )
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "blocks/0/out" in page and "<mark" in page and "hist_000.png" in page
+    assert (tmp_path / "rep" / "hist_001.png").read_bytes()[:4] == b"\x89PNG"
+    comp = json.loads(compare)
+    assert comp["blocks/0/out"]["kind"] == "gaussian" and comp["blocks/0/out"]["distance"] > 0
+    assert comp["blocks/0/out (score sketch)"]["kind"] == "quantiles"
+
+
+@pytest.mark.slow
+def test_bad_inputs_exit_nonzero_with_one_sentence(tmp_path, rng):
+    _store(tmp_path / "store", rng)
+    est = jaxmon.gaussian()
+    example = jax.ShapeDtypeStruct((8,), jnp.float32)
+    state, _ = query.fit_store(tmp_path / "store", est, tap="blocks/0/out")
+    checkpoint.save(tmp_path / "ck", est, state, example=example)
+    checkpoint.save(
+        tmp_path / "ck_diag",
+        jaxmon.gaussian(diagonal=True),
+        jaxmon.gaussian(diagonal=True).init(example),
+        example=example,
+    )
+    shutil.copytree(tmp_path / "store", tmp_path / "cut")
+    manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    os.remove(tmp_path / "cut" / manifest["taps"]["blocks/0/out"]["path"] / "c" / "1" / "0")
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "nomatch.json").write_text(json.dumps({"monitor": {"mlp/*": {"name": "gaussian"}}}))
+    cases = {
+        "missing store": (
+            ("score", tmp_path / "nowhere", tmp_path / "ck", "-o", tmp_path / "q1"),
+            "no activation store",
+        ),
+        "wrong tap": (
+            ("score", tmp_path / "store", tmp_path / "ck", "-o", tmp_path / "q2", "--tap", "x"),
+            "has no tap 'x'",
+        ),
+        "spec mismatch": (
+            ("compare", tmp_path / "ck", tmp_path / "ck_diag"),
+            "different estimators",
+        ),
+        "truncated store": (
+            (
+                "score",
+                tmp_path / "cut",
+                tmp_path / "ck",
+                "-o",
+                tmp_path / "q3",
+                "--tap",
+                "blocks/0/out",
+            ),
+            "truncated: chunk 1 of tap 'blocks/0/out' is missing",
+        ),
+        "bad config": (
+            ("fit", tmp_path / "bad.json", tmp_path / "store", "-o", tmp_path / "c"),
+            "not valid JSON",
+        ),
+        "no tap matches": (
+            ("fit", tmp_path / "nomatch.json", tmp_path / "store", "-o", tmp_path / "c2"),
+            "mlp/*",
+        ),
+    }
+    # Start every case at once: each pays the interpreter and jax start-up.
+    procs = {
+        name: subprocess.Popen(
+            _cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+        )
+        for name, (args, _) in cases.items()
+    }
+    for name, p in procs.items():
+        _, err = p.communicate(timeout=300)
+        lines = [ln for ln in err.splitlines() if ln.strip() and "WARNING" not in ln]
+        assert p.returncode == 2, (name, err)
+        assert len(lines) == 1, (name, err)
+        assert "Traceback" not in err, (name, err)
+        assert cases[name][1] in lines[0], (name, lines[0])
+        assert lines[0].startswith("jaxmon ") and lines[0].endswith("."), lines[0]
