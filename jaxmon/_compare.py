@@ -30,7 +30,7 @@ only the row counts the sketches carry.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -287,16 +287,27 @@ def compare(
 # --------------------------------------------------------------------------- significance
 
 
-def _gaussian_stat(statistic: str, mu_a, cov_a, mu_b, cov_b) -> float:
-    if statistic == "mean_shift":
-        return float(np.sum((mu_a - mu_b) ** 2))
-    if statistic == "frechet":
-        return frechet_sq(mu_a, cov_a, mu_b, cov_b)
-    # Symmetric KL: the traces and Mahalanobis terms; log-determinants cancel.
-    d = mu_a.shape[0]
-    ia, ib = np.linalg.inv(cov_a), np.linalg.inv(cov_b)
+def _batched_stat(statistic: str, mu_a, cov_a, mu_b, cov_b) -> np.ndarray:
+    """The statistic for stacks ``mu [p, d]``, ``cov [p, d, d]`` (few large LAPACK calls: many
+    small ones thrash BLAS thread pools on shared machines)."""
     dmu = mu_a - mu_b
-    return 0.5 * float(np.trace(ib @ cov_a) + np.trace(ia @ cov_b) + dmu @ (ia + ib) @ dmu - 2 * d)
+    if statistic == "mean_shift":
+        return np.sum(dmu**2, -1)
+    if statistic == "frechet":
+        w, v = np.linalg.eigh(cov_a)
+        root = (v * np.sqrt(np.clip(w, 0, None))[:, None, :]) @ np.swapaxes(v, 1, 2)
+        m = root @ cov_b @ root
+        cross = np.sum(
+            np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (m + np.swapaxes(m, 1, 2))), 0, None)), -1
+        )
+        tr = np.trace(cov_a, axis1=1, axis2=2) + np.trace(cov_b, axis1=1, axis2=2)
+        return np.maximum(np.sum(dmu**2, -1) + tr - 2 * cross, 0.0)
+    # Symmetric KL: the traces and Mahalanobis terms; log-determinants cancel.
+    d = mu_a.shape[1]
+    ia, ib = np.linalg.inv(cov_a), np.linalg.inv(cov_b)
+    tr = np.einsum("pij,pji->p", ib, cov_a) + np.einsum("pij,pji->p", ia, cov_b)
+    maha = np.einsum("pi,pij,pj->p", dmu, ia + ib, dmu)
+    return 0.5 * (tr + maha - 2 * d)
 
 
 def permutation_test(
@@ -313,8 +324,9 @@ def permutation_test(
     The statistic compares the two samples' Gaussian fits (maximum-likelihood mean and
     covariance, float64); the rows are pooled and relabelled ``num_permutations`` times. The
     p-value ``(1 + #{T_perm ≥ T}) / (1 + num_permutations)`` is exact for any distribution
-    (rows exchangeable under the null), but costs a refit per permutation: cheap up to a few
-    hundred features and ~10⁴ rows per side; subsample rows beyond that.
+    (rows exchangeable under the null), but costs a refit per permutation (batched: one
+    ``[p, d, n] @ [n, d]`` Gram and one stacked eigensolve per chunk of permutations): cheap up
+    to a few hundred features and ~10⁴ rows per side; subsample rows beyond that.
 
     Args:
       rows_a, rows_b: ``[n_a, d]`` and ``[n_b, d]`` rows (e.g. one tap's activations on the
@@ -336,48 +348,91 @@ def permutation_test(
             f"{statistic!r}"
         )
     xa, xb = _f64(rows_a), _f64(rows_b)
-    if xa.ndim != 2 or xb.ndim != 2 or xa.shape[1] != xb.shape[1]:
+    if xa.ndim != 2 or xb.ndim != 2 or xa.shape[1] != xb.shape[1] or min(len(xa), len(xb)) < 2:
         raise ShapeError(
-            f"permutation_test: expected rows [n_a, d] and [n_b, d], got {list(xa.shape)} and "
-            f"{list(xb.shape)}"
+            f"permutation_test: expected rows [n_a, d] and [n_b, d] (at least 2 each), got "
+            f"{list(xa.shape)} and {list(xb.shape)}"
         )
     pooled = np.concatenate([xa, xb])
     pooled = pooled - pooled.mean(0)  # centring once keeps the covariances' digits
-    n_a, n = len(xa), len(pooled)
-    d = pooled.shape[1]
-
-    def stat(idx_a: np.ndarray) -> float:
-        in_a = np.zeros(n, bool)
-        in_a[idx_a] = True
-        fits = []
-        for part in (pooled[in_a], pooled[~in_a]):
-            mu = part.mean(0)
-            c = part - mu
-            cov = c.T @ c / len(part)
-            cov = cov + ridge * max(np.trace(cov) / d, 1e-300) * np.eye(d)
-            fits.extend([mu, cov])
-        return _gaussian_stat(statistic, *fits)
-
-    observed = stat(np.arange(n_a))
+    n_a, n, d = len(xa), len(pooled), pooled.shape[1]
     rng = np.random.default_rng(seed)
-    exceed = sum(stat(rng.permutation(n)[:n_a]) >= observed for _ in range(num_permutations))
-    return observed, (1 + exceed) / (1 + num_permutations)
+    # Split 0 is the observed one; then the random relabellings.
+    splits = [np.arange(n_a)] + [rng.permutation(n)[:n_a] for _ in range(num_permutations)]
+    chunk = max(1, int(2**25 // max(n * d, 1)))  # bounds the [p, d, n] stack to ~256 MiB
+    with _one_blas_thread():
+        stats = _permutation_stats(statistic, splits, chunk, pooled, n_a, ridge)
+    t = np.concatenate(stats)
+    return float(t[0]), float((1 + np.sum(t[1:] >= t[0])) / (1 + num_permutations))
+
+
+def _one_blas_thread():
+    """Many small LAPACK calls gain nothing from BLAS threads, and on a loaded machine the
+    thread pool thrashes (10x slower here): limit it to one thread when threadpoolctl (a
+    scikit-learn dependency) is installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _permutation_stats(statistic, splits, chunk, pooled, n_a, ridge) -> list[np.ndarray]:
+    n, d = pooled.shape
+    n_b = n - n_a
+    total_gram, total_sum = pooled.T @ pooled, pooled.sum(0)
+    eye = np.eye(d)
+
+    def cov(gram, s, m):
+        mu = s / m
+        c = gram / m - mu[:, :, None] * mu[:, None, :]
+        c = 0.5 * (c + np.swapaxes(c, 1, 2))
+        scale = np.maximum(np.trace(c, axis1=1, axis2=2) / d, 1e-300)
+        return mu, c + ridge * scale[:, None, None] * eye[None]
+
+    stats = []
+    for i in range(0, len(splits), chunk):
+        g = np.zeros((len(splits[i : i + chunk]), n))
+        for j, idx in enumerate(splits[i : i + chunk]):
+            g[j, idx] = 1.0
+        s_a = g @ pooled
+        gram_a = np.swapaxes(g[:, :, None] * pooled[None], 1, 2) @ pooled
+        mu_a, c_a = cov(gram_a, s_a, n_a)
+        mu_b, c_b = cov(total_gram[None] - gram_a, total_sum[None] - s_a, n_b)
+        stats.append(_batched_stat(statistic, mu_a, c_a, mu_b, c_b))
+    return stats
 
 
 # --------------------------------------------------------------------------- printing
 
 
-def comparison_table(results: Comparison | Mapping[str, Comparison], *, digits: int = 4) -> str:
-    """Formats comparisons as a plain-text table: one row per tap, one column per statistic."""
+def comparison_table(
+    results: Comparison | Mapping[str, Comparison],
+    *,
+    columns: Sequence[str] | None = None,
+    digits: int = 4,
+) -> str:
+    """Formats comparisons as a plain-text table: one row per tap, one column per statistic.
+
+    Args:
+      results: what :func:`compare` returned.
+      columns: the statistics to show (default: every statistic any row has); the headline
+        ``distance``, the kind and the p-value are always shown.
+      digits: significant digits.
+    """
     if isinstance(results, Comparison):
         results = {"": results}
     cols: list[str] = []
     for r in results.values():
-        cols += [k for k in r.stats if k not in cols]
-    header = ["tap", "kind", *cols, "p_value"]
+        cols += [k for k in r.stats if k not in cols and (columns is None or k in columns)]
+    if columns is not None:
+        cols = [c for c in columns if c in cols]
+    header = ["tap", "kind", "distance", *cols, "p_value"]
     rows = []
     for key, r in results.items():
-        cells = [key, r.kind]
+        cells = [key, r.kind, f"{r.distance:.{digits}g}"]
         cells += [f"{r.stats[c]:.{digits}g}" if c in r.stats else "" for c in cols]
         cells.append("" if math.isnan(r.p_value) else f"{r.p_value:.{digits}g}")
         rows.append(cells)
