@@ -341,6 +341,7 @@ def _position(f: QuantilesFitted, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     return b, jnp.clip(frac, 0.0, 1.0)
 
 
+@jax.jit
 def rank(fitted: QuantilesFitted | QuantilesState, v) -> jax.Array:
     """Estimated fraction of sketched values ``<= v`` (``v`` any shape; jittable).
 
@@ -357,6 +358,7 @@ def rank(fitted: QuantilesFitted | QuantilesState, v) -> jax.Array:
     return jnp.where(f.total > 0, le / jnp.maximum(f.total, 1.0), 0.0)
 
 
+@jax.jit
 def upper_tail(fitted: QuantilesFitted | QuantilesState, v) -> jax.Array:
     """Conformal upper-tail p-value ``(1 + #{values >= v}) / (1 + n)`` (jittable).
 
@@ -373,6 +375,7 @@ def upper_tail(fitted: QuantilesFitted | QuantilesState, v) -> jax.Array:
     return (1.0 + ge) / (1.0 + f.total)
 
 
+@jax.jit
 def quantile(fitted: QuantilesFitted | QuantilesState, q) -> jax.Array:
     """The ``q``-quantile (``q`` in [0, 1], any shape; jittable) within the relative bound.
 
