@@ -112,7 +112,9 @@ def _fit(args) -> None:
         args.out, est, state, fitted=fitted, step=args.step, metadata=meta, example=example
     )
     rows = jaxmon.num_rows(state)
-    print(f"fitted {est.spec.name} on {store.rows:,} logged rows ({rows} folded); saved {args.out}")
+    if isinstance(rows, dict):  # a monitor: one counter per key (and per calibration sketch)
+        rows = max(rows.values())
+    print(f"fitted {est.spec.name} on {rows:,} of {store.rows:,} logged rows; saved {args.out}")
 
 
 def _score(args) -> None:
@@ -155,7 +157,8 @@ def _compare(args) -> None:
     if a.metadata["spec"] != b.metadata["spec"]:
         raise CliError(
             f"the checkpoints hold different estimators ({a.metadata['spec']['name']} vs "
-            f"{b.metadata['spec']['name']} or different hyperparameters); compare needs the same monitor"
+            f"{b.metadata['spec']['name']} or different hyperparameters); compare needs two "
+            "checkpoints of the same monitor"
         )
     fa = a.fitted if a.fitted is not None else a.estimator.finalize(a.state)
     fb = b.fitted if b.fitted is not None else b.estimator.finalize(b.state)

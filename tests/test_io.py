@@ -37,7 +37,9 @@ def test_writer_round_trip_with_metadata_mask_and_tokens(tmp_path, rng):
             xs.append(x)
             masks.append(m)
     manifest = json.loads((tmp_path / "st" / "manifest.json").read_text())
-    x_all = np.concatenate([x.reshape(-1, 6)[m.reshape(-1)] for x, m in zip(xs, masks, strict=False)])
+    x_all = np.concatenate(
+        [x.reshape(-1, 6)[m.reshape(-1)] for x, m in zip(xs, masks, strict=False)]
+    )
     n = len(x_all)
     assert manifest["rows"] == n and manifest["chunk_rows"] == chunk
     assert manifest["taps"]["blocks/0/out"]["shape"] == [n, 6]

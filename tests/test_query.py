@@ -152,7 +152,7 @@ def test_truncated_stores_give_clear_errors(store, tmp_path):
     with pytest.raises(query.StoreError, match="holds 1000 rows but the manifest says 5000"):
         query.open_store(store)
     (store / "manifest.json").unlink()
-    with pytest.raises(query.StoreError, match="no manifest.json"):
+    with pytest.raises(query.StoreError, match=r"no manifest\.json"):
         query.open_store(store)
     with pytest.raises(query.StoreError, match="no activation store"):
         query.open_store(tmp_path / "nowhere")
