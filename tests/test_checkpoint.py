@@ -227,3 +227,28 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     checkpoint.save(directory, est, s1, step=1)
     assert not any("tmp" in n for n in os.listdir(directory))
     _assert_trees_equal(jaxmon.load(directory).state, s1)
+
+
+def test_monitor_round_trip_and_example_check(tmp_path, rng):
+    # (A calibrated monitor, whose fitted value is a registered dataclass with a static field,
+    # is round-tripped by tests/test_cli.py's fit/score run.)
+    mon = jaxmon.monitor({"blocks/*/out": jaxmon.gaussian(shrinkage=0.1)})
+    example = {
+        "blocks/0/out": jax.ShapeDtypeStruct((D,), jnp.float32),
+        "blocks/1/out": jax.ShapeDtypeStruct((4,), jnp.float32),
+    }
+    taps = lambda n: {"blocks/0/out": _rows(rng, n), "blocks/1/out": _rows(rng, n, 4)}
+    state = mon.update(mon.init(example), taps(64))
+    fitted = mon.finalize(state)
+    checkpoint.save(tmp_path, mon, state, fitted=fitted, example=example)
+    ck = jaxmon.load(tmp_path)
+    _assert_trees_equal(ck.state, state)
+    _assert_trees_equal(ck.fitted, fitted)
+    assert jaxmon.num_rows(ck.state) == jaxmon.num_rows(state)
+    assert ck.example == example
+    q = taps(16)
+    for k, v in ck.estimator.score(ck.fitted, q).items():
+        np.testing.assert_array_equal(v, mon.score(fitted, q)[k])
+    wrong = dict(example, **{"blocks/1/out": jax.ShapeDtypeStruct((5,), jnp.float32)})
+    with pytest.raises(checkpoint.CheckpointError, match="blocks/1/out"):
+        checkpoint.load(tmp_path, estimator=mon, example=wrong)
