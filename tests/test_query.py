@@ -125,11 +125,15 @@ def test_calibrated_monitor_reports_exceedances(store, tmp_path):
         assert info["raw_thresholds"][str(fpr)] == thr
 
 
-def test_checkpoint_path_and_errors(store, tmp_path):
+def test_checkpoint_path_progress_and_errors(store, tmp_path, capsys):
     est, state, example = _fit(store)
     checkpoint.save(tmp_path / "ck", est, state, example=example)
     res = query.score_store(store, str(tmp_path / "ck"), out=tmp_path / "q", tap="h")
     assert res.summary["rows"] == 1000
+    assert capsys.readouterr().err == ""  # quiet when stderr is not a terminal
+    query.score_store(store, str(tmp_path / "ck"), out=tmp_path / "qp", tap="h", progress=True)
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "1000/1000 rows" in last and "rows/s" in last
     with pytest.raises(query.StoreError, match="say which one"):
         query.score_store(store, str(tmp_path / "ck"), out=tmp_path / "q2")
     with pytest.raises(query.StoreError, match="no tap 'nope'"):
