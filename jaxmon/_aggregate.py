@@ -12,6 +12,7 @@ tokens, robust to one noisy token but sensitive to a short anomalous span.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -102,6 +103,7 @@ def sequence_scores(
     return jax.tree.map(one, token_scores)
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
 def _aggregate(v, ids, mask, n, reduce, window, fill):
     present = (ids >= 0) & (ids < n)
     if mask is not None:

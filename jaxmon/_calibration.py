@@ -69,6 +69,7 @@ __all__ = [
 _SCALAR = jax.ShapeDtypeStruct((), jnp.float32)
 # calibrated(...) builds its inner estimator once; begin_calibration finds it here by spec.
 _INNER: dict[str, Estimator] = {}
+_P_VALUES: dict[str, Any] = {}  # spec JSON -> jitted p-value function
 
 
 class CalibratedState(NamedTuple):
@@ -151,7 +152,8 @@ def calibrated(
       An :class:`~jaxmon.Estimator` with a :class:`CalibratedState` and a
       :class:`CalibratedFitted`. ``score(fitted, x, *, mask=None)`` returns, with the inner
       scores' structure, ``-log10`` of the conformal upper-tail p-value (higher = more
-      anomalous; masked rows 0).
+      anomalous; masked rows 0). ``update``'s ``weights`` go to the inner estimator in pass 1;
+      in pass 2 they are integer repetition counts of the held-out rows.
 
     Example:
       >>> cal = jaxmon.calibrated(jaxmon.gaussian(shrinkage="ledoit_wolf"))
@@ -305,7 +307,10 @@ def p_values(fitted: CalibratedFitted, x, *, mask=None):
             f"p_values: expected the fitted value of jaxmon.calibrated(...), got "
             f"{type(fitted).__name__}"
         )
-    return _p_values_of(_inner_for(fitted.spec), fitted, x, mask)
+    if fitted.spec not in _P_VALUES:
+        inner = _inner_for(fitted.spec)
+        _P_VALUES[fitted.spec] = jax.jit(lambda f, x, m: _p_values_of(inner, f, x, m))
+    return _P_VALUES[fitted.spec](fitted, x, mask)
 
 
 def threshold(fitted: CalibratedFitted | QuantilesFitted, *, fpr: float = 0.01):
