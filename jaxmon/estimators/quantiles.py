@@ -60,7 +60,6 @@ from jaxmon._base import (
     ShapeError,
     counts_add,
     counts_merge,
-    counts_zero,
     register,
 )
 
@@ -196,8 +195,14 @@ def quantiles(*, relative_accuracy: float = 0.01) -> Estimator:
 
     def init(example=None) -> QuantilesState:
         shape = () if example is None else tuple(getattr(example, "shape", np.shape(example)))
-        inf = jnp.full(shape, jnp.inf, jnp.float32)
-        return QuantilesState(counts_zero(), jnp.zeros((2, nb), jnp.uint32), inf, -inf)
+        # Distinct buffers for every leaf, so that a donated state never aliases itself.
+        counts = Counts(jnp.zeros((2,), jnp.uint32), jnp.zeros((2,), jnp.uint32))
+        return QuantilesState(
+            counts,
+            jnp.zeros((2, nb), jnp.uint32),
+            jnp.full(shape, jnp.inf, jnp.float32),
+            jnp.full(shape, -jnp.inf, jnp.float32),
+        )
 
     def rows_of(row_shape, x, mask, weights, *, what):
         x = x if isinstance(x, jax.Array | jax.core.Tracer) else jnp.asarray(x)
