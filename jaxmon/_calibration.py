@@ -333,22 +333,39 @@ def threshold(fitted: CalibratedFitted | QuantilesFitted, *, fpr: float = 0.01):
     return jax.tree.map(lambda qf: quantile(qf, 1.0 - float(fpr)), sketches, is_leaf=_is_sketch)
 
 
+_METHODS = ("fisher", "bonferroni", "min_p", "tippett")
+
+
 def combine(p_values, *, method: str = "fisher", axis: int | None = None) -> jax.Array:
     """Combines the p-values of many taps into one p-value per row (jittable).
 
     Args:
-      p_values: a pytree (e.g. ``{tap: p[...]}`` from :func:`p_values`) of equally shaped
-        arrays, one per tap; or one array with the taps along ``axis``.
+      p_values: a container (dict, list, tuple; e.g. ``{tap: p[...]}`` from :func:`p_values`)
+        of equally shaped arrays, one per tap; or one array with the taps along ``axis``
+        (default 0: a 1-D array of k p-values gives one combined p-value, as
+        ``scipy.stats.combine_pvalues``).
       method: ``"fisher"`` (``-2 Σ log p ~ χ²(2k)``: sensitive to evidence spread over many
         taps, valid for independent taps, anti-conservative for correlated ones);
-        ``"bonferroni"`` (``min(1, k · min p)``: valid under any dependence, sensitive to one
-        strong tap); ``"tippett"`` (``1 - (1 - min p)^k``, Šidák: exact for independent taps).
+        ``"bonferroni"`` or its alias ``"min_p"`` (the minimum p with Bonferroni's correction,
+        ``min(1, k · min p)``: valid under any dependence, sensitive to one strong tap);
+        ``"tippett"`` (``1 - (1 - min p)^k``, Šidák: exact for independent taps).
       axis: the tap axis when ``p_values`` is one array.
 
     Returns:
       The combined p-value; ``-log10`` of it is one calibrated score (higher = more anomalous).
+
+    Raises:
+      ValueError: an unknown ``method`` or no p-values.
+      ShapeError: the taps' p-values differ in shape.
     """
-    if axis is None:
+    if method not in _METHODS:
+        raise ValueError(f"combine: method must be one of {_METHODS}, got {method!r}")
+    if hasattr(p_values, "shape"):
+        p = jnp.asarray(p_values, jnp.float32)
+        axis = 0 if axis is None else axis
+    else:
+        if axis is not None:
+            raise ValueError("combine: axis applies to a single array of p-values only")
         leaves = jax.tree.leaves(p_values)
         if not leaves:
             raise ValueError("combine: no p-values given")
@@ -357,8 +374,11 @@ def combine(p_values, *, method: str = "fisher", axis: int | None = None) -> jax
             raise ShapeError(f"combine: every tap's p-values must share one shape, got {shapes}")
         p = jnp.stack([jnp.asarray(v, jnp.float32) for v in leaves], axis=0)
         axis = 0
-    else:
-        p = jnp.asarray(p_values, jnp.float32)
+    return _combine(p, method, axis)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _combine(p: jax.Array, method: str, axis: int) -> jax.Array:
     k = p.shape[axis]
     # p = 0 would give -log 0 = inf; conformal p-values are never 0, clamp raw inputs anyway.
     p = jnp.clip(p, jnp.finfo(jnp.float32).tiny, 1.0)
@@ -367,9 +387,7 @@ def combine(p_values, *, method: str = "fisher", axis: int | None = None) -> jax
         # chi2(2k) survival function = regularised upper incomplete gamma Q(k, stat / 2).
         return jax.scipy.special.gammaincc(jnp.float32(k), stat / 2.0)
     pmin = jnp.min(p, axis=axis)
-    if method == "bonferroni":
-        return jnp.minimum(1.0, k * pmin)
     if method == "tippett":
         # 1 - (1 - p)^k without cancellation for small p: -expm1(k log1p(-p)).
         return -jnp.expm1(k * jnp.log1p(-pmin))
-    raise ValueError(f"combine: method must be 'fisher', 'bonferroni' or 'tippett', got {method!r}")
+    return jnp.minimum(1.0, k * pmin)

@@ -228,6 +228,11 @@ def test_combine_matches_scipy(k):
     np.testing.assert_allclose(ours_t, ref_t, rtol=2e-3, atol=1e-7)
     np.testing.assert_allclose(ours_b, np.minimum(1, k * p.min(0)), rtol=1e-5)
     assert np.all(ours_b >= ours_t * (1 - 1e-5))  # Bonferroni is the conservative bound
+    # scipy's call form: one 1-D array of k p-values -> one p-value; a list of taps too.
+    one = float(jaxmon.combine(jnp.asarray(p[:, 1], jnp.float32)))
+    assert one == pytest.approx(ref_f[1], rel=2e-3)
+    listed = np.asarray(jaxmon.combine([jnp.asarray(r, jnp.float32) for r in p], method="min_p"))
+    np.testing.assert_allclose(listed, ours_b, rtol=1e-6)
 
 
 def test_protocol_errors():
@@ -241,6 +246,8 @@ def test_protocol_errors():
         jaxmon.threshold(None, fpr=0.0)
     with pytest.raises(ValueError, match="method"):
         jaxmon.combine(jnp.ones((2, 3)), method="stouffer", axis=0)
+    with pytest.raises(jaxmon.ShapeError, match="shape"):
+        jaxmon.combine({"a": jnp.ones(3), "b": jnp.ones(4)})
     rebuilt = jaxmon.from_spec(cal.spec.to_json())
     assert rebuilt.spec == cal.spec
 
