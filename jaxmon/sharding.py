@@ -18,9 +18,11 @@ Multi-host: the same code runs on a global mesh under ``jax.distributed`` (input
 ``jax.Array``s, e.g. from ``jax.make_array_from_process_local_data``); tested with two local
 CPU processes (``tests/test_sharding.py::test_two_process_distributed``).
 
-Wide taps: the d×d moments of a very wide tap can additionally be sharded over a ``"model"``
-axis by passing ``state_sharding=`` rules to ``jax.jit`` (``P(axis, None, "model")`` for the
-``m2`` leaf); this module does not do it automatically yet (see the README section).
+Wide taps: ``shard_wide(est, mesh, axis="model")`` keeps a *single* state whose matrix leaves
+(the d×d moments) are sharded by columns over ``axis``, so each device holds d²/M floats; XLA
+(GSPMD) partitions the Gram accordingly, which costs a reduce-scatter of the Gram over the data
+axis per update. It is an alternative to ``shard_local`` (not combined with it yet): use it when
+d×d per device does not fit, ``shard_local`` when communication per step must be zero.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmon._base import Estimator, EstimatorSpec, from_spec, register
 
-__all__ = ["shard_local", "merge_replicas", "replica_count"]
+__all__ = ["shard_local", "merge_replicas", "replica_count", "shard_wide"]
 
 # Inner estimators by the sharded spec's JSON, so merge_replicas finds the exact object
 # (from_spec rebuilds it otherwise).
@@ -233,3 +235,70 @@ def merge_replicas(sharded_est: Estimator, state: Any) -> Any:
       A state of the inner estimator, without the replica axis.
     """
     return _tree_merge(_inner_of(sharded_est), state)
+
+
+def _wide_spec(leaf: Any, axis: str, size: int) -> P:
+    shape = getattr(leaf, "shape", ())
+    if len(shape) >= 2 and shape[-1] % size == 0 and shape[-1] >= size:
+        return P(*([None] * (len(shape) - 1)), axis)
+    return P()
+
+
+def shard_wide(est: Estimator, mesh: Mesh, axis: str = "model") -> Estimator:
+    """One state, its matrix leaves (d×d moments) sharded by columns over ``axis``.
+
+    Every state leaf of rank >= 2 whose last dimension divides evenly over ``axis`` is sharded
+    on that dimension; the rest are replicated. Updates run under ``jit`` with the state
+    layout pinned (``with_sharding_constraint``), so the layout does not change across
+    init/update/merge. Inputs may be sharded over any other axis (the data axis).
+
+    Args:
+      est: any estimator (a monitor included).
+      mesh: the device mesh.
+      axis: the mesh axis the columns of the wide leaves are split over.
+
+    Returns:
+      An :class:`~jaxmon.Estimator` with ``est``'s state, fitted value and scores, laid out wide.
+    """
+    if axis not in mesh.shape:
+        raise ValueError(f"shard_wide: mesh has axes {tuple(mesh.shape)}, not {axis!r}")
+    size = int(mesh.shape[axis])
+    spec = EstimatorSpec(
+        "shard_wide",
+        {"estimator": est.spec.to_dict(), "axis": axis, "size": size},
+        mergeable=est.spec.mergeable,
+    )
+
+    def layout(state):
+        def put(leaf):
+            sh = NamedSharding(mesh, _wide_spec(leaf, axis, size))
+            if isinstance(leaf, jax.core.Tracer):
+                return jax.lax.with_sharding_constraint(leaf, sh)
+            return jax.device_put(leaf, sh)
+
+        return jax.tree.map(put, state)
+
+    def init(example):
+        return layout(est.init(example))
+
+    @jax.jit
+    def update(state, x, *, mask=None, weights=None):
+        return layout(est.update(state, x, mask=mask, weights=weights))
+
+    @jax.jit
+    def merge(a, b):
+        return layout(est.merge(a, b))
+
+    return Estimator(init, update, merge, est.finalize, est.score, spec)
+
+
+@register("shard_wide")
+def _shard_wide_from_spec(estimator: Mapping[str, Any], axis: str, size: int) -> Estimator:
+    """Rebuilds a ``shard_wide`` estimator on a 1-D mesh of the first ``size`` devices."""
+    devices = jax.devices()
+    if len(devices) < size:
+        raise ValueError(
+            f"shard_wide spec needs {size} devices along {axis!r}, this process sees "
+            f"{len(devices)}; rebuild with jaxmon.sharding.shard_wide(..., mesh) yourself"
+        )
+    return shard_wide(from_spec(estimator), Mesh(devices[:size], (axis,)), axis)

@@ -136,6 +136,31 @@ def test_two_dimensional_mesh_and_spec_round_trip():
     leaves_close(js.merge_replicas(rebuilt, s), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_shard_wide_splits_the_d_by_d_state_over_the_model_axis():
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AUTO, AUTO))
+    g = jaxmon.gaussian()
+    wide = js.shard_wide(jaxmon.monitor({"h": g}), mesh, "model")
+    ex = {"h": jax.ShapeDtypeStruct((6, 8), jnp.float32)}
+    s0 = wide.init(ex)
+    rng = np.random.default_rng(4)
+    s, ref = s0, g.init(jax.ShapeDtypeStruct((8,), jnp.float32))
+    for _ in range(2):
+        x = normal_rows(rng, 48, 8).reshape(6, 8, 8)
+        s = wide.update(s, {"h": _put(mesh, x)})
+        jax.block_until_ready(s)
+        ref = g.update(ref, jnp.asarray(x))
+    m2 = s["h"].m2
+    assert m2.sharding.spec == P(None, "model") == s0["h"].m2.sharding.spec
+    assert m2.addressable_shards[0].data.shape == (8, 2)  # d²/4 floats per device
+    leaves_close(s["h"], ref, rtol=1e-4, atol=1e-4)
+    leaves_close(wide.merge(s, s)["h"], g.merge(ref, ref), rtol=1e-4, atol=1e-4)
+    f = wide.finalize(s)["h"]
+    np.testing.assert_allclose(
+        np.asarray(f.covariance), np.asarray(g.finalize(ref).covariance), rtol=1e-4, atol=1e-5
+    )
+    assert jaxmon.from_spec(wide.spec.to_json()).spec == wide.spec
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
