@@ -138,3 +138,48 @@ def test_taps_are_not_differentiated():
         g_plain = nnx.grad(lambda m: jnp.sum(m(x)))(model)
     g_cap = nnx.grad(lambda m: jnp.sum(jnnx.capture(m)(x)[0]))(model)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), g_plain, g_cap)
+
+
+class ScanModel(nnx.Module):
+    """Blocks stacked with nnx.vmap and applied with nnx.scan (scan over layers)."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=L)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return Block(rngs)
+
+        self.blocks = make(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(x, self.blocks)
+
+
+def test_nnx_scan_taps_are_stacked_and_split_per_layer_by_the_monitor():
+    model = ScanModel(nnx.Rngs(3))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 5, D)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, 5)) < 0.7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, taps = jnnx.capture(model)(x)
+    assert taps["blocks/mlp_out"].shape == (L, 2, 5, D)
+    h = np.asarray(x, np.float64)
+    mon = jaxmon.monitor(
+        {"blocks/*/mlp_out": jaxmon.gaussian()},
+        stacked={"blocks/mlp_out": "blocks/{i}/mlp_out"},
+    )
+    fitted = mon.finalize(mon.update(mon.init(taps), taps, mask=mask))
+    for i in range(L):
+        k = np.asarray(model.blocks.mlp.kernel[...][i], np.float64)
+        b = np.asarray(model.blocks.mlp.bias[...][i], np.float64)
+        m = np.tanh(h @ k + b)
+        np.testing.assert_allclose(np.asarray(taps["blocks/mlp_out"][i]), m, rtol=1e-5, atol=1e-6)
+        rows = m[np.asarray(mask)]
+        f = fitted[f"blocks/{i}/mlp_out"]
+        np.testing.assert_allclose(np.asarray(f.mean), rows.mean(0), rtol=1e-4, atol=1e-5)
+        h = h + m
