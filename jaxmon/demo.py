@@ -38,17 +38,29 @@ import jaxmon
 from jaxmon import _demo_lm as lm
 
 QUICK = dict(
-    tokens=8192, steps=120, d_model=64, layers=2, heads=4, seq_len=64, batch=16, eval_rows=64
+    tokens=8192,
+    steps=150,
+    d_model=64,
+    layers=2,
+    heads=4,
+    seq_len=64,
+    batch=16,
+    poison=0.25,
+    eval_rows=64,
+    knn_bank=256,
 )
+# Sized for the 10-minute budget on 2 CPU cores (see benchmarks/results/demo.md).
 DEFAULT = dict(
     tokens=1_000_000,
-    steps=600,
+    steps=500,
     d_model=128,
     layers=4,
     heads=4,
     seq_len=128,
-    batch=32,
+    batch=24,
+    poison=0.08,
     eval_rows=256,
+    knn_bank=512,
 )
 
 
@@ -70,7 +82,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, help="tokens per sequence")
     p.add_argument("--batch", type=int, help="training batch (sequences)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--poison", type=float, default=0.05, help="fraction of triggered windows")
+    p.add_argument("--poison", type=float, help="fraction of training windows with the trigger")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     p.add_argument(
         "--stage",
@@ -85,6 +97,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, k, v)
     args.eval_rows = base["eval_rows"]
     args.heads = base["heads"]
+    args.knn_bank = base["knn_bank"]
     return args
 
 
@@ -118,7 +131,7 @@ def _build_monitor(args):
     else:
         _note("jaxmon.pca_residual has not landed")
     if hasattr(jaxmon, "knn"):
-        dets["knn"] = jaxmon.knn(k=10, bank_size=1024)
+        dets["knn"] = jaxmon.knn(k=10, bank_size=args.knn_bank)
     else:
         _note("jaxmon.knn has not landed")
     config = {"blocks/*/resid": dets, "blocks/*/mlp_out": dets}
@@ -177,9 +190,15 @@ def train(args, corpus: lm.Corpus):
         params = optax.apply_updates(params, updates)
         if mon is not None:
             # Only trusted rows (no trigger) of late steps feed the monitor; padding-free batches.
-            rows_ok = trusted & (step >= monitor_from)
-            mask = jnp.broadcast_to(rows_ok[:, None], tokens.shape)
-            mon_state = mon.update(mon_state, jax.lax.stop_gradient(taps), mask=mask)
+            mask = jnp.broadcast_to(trusted[:, None], tokens.shape)
+            taps = jax.lax.stop_gradient(taps)
+            # Skipped (not just masked) before monitor_from: early steps cost nothing extra.
+            mon_state = jax.lax.cond(
+                step >= monitor_from,
+                lambda s: mon.update(s, taps, mask=mask),
+                lambda s: s,
+                mon_state,
+            )
         return params, opt_state, mon_state, loss
 
     rng = np.random.default_rng(args.seed)
@@ -551,19 +570,30 @@ def score(args) -> int:
     cstate, _ = query.fit_store(store_dir / "calib", cal, cstate)
     cfitted = cal.finalize(cstate)
     n_cal = query.open_store(store_dir / "calib").rows
-    _log(f"      calibrated on {n_cal:,} held-out clean tokens")
+    _log(
+        f"      calibrated on {n_cal:,} held-out clean tokens ({time.process_time() - c0:.1f}s CPU)"
+    )
 
     # Batch-score the store: raw scores, and calibrated -log10 p (for the combination).
+    c1 = time.process_time()
     raw = query.score_store(qstore, ck, out=args.out / "scores_raw", resume=False)
+    c2 = time.process_time()
     calq = query.score_store(qstore, cal, cfitted, out=args.out / "scores", resume=False)
+    c3 = time.process_time()
     query.score_store(
         store_dir / "calib", cal, cfitted, out=args.out / "scores_calib", resume=False
+    )
+    _log(
+        f"      batch-scored the store: raw {c2 - c1:.1f}s CPU, calibrated {c3 - c2:.1f}s CPU, "
+        f"calibration text {time.process_time() - c3:.1f}s CPU"
     )
     tok = {k: raw.scores(k).reshape(-1, seq_len) for k in raw.keys}
     summary["scored_rows"] = int(min(np.isfinite(v).sum() for v in tok.values()))
     pvals = {k: 10.0 ** (-calq.scores(k).astype(np.float64)) for k in calq.keys}
     for method in ("fisher", "bonferroni"):
         p = np.asarray(jaxmon.combine({k: jnp.asarray(v) for k, v in pvals.items()}, method=method))
+        # float32 p-values of very anomalous tokens underflow to 0: clamp to the smallest normal.
+        p = np.maximum(p, np.finfo(np.float32).tiny)
         tok[f"all taps:combined({method})"] = -np.log10(p).reshape(-1, seq_len)
     score_s = time.perf_counter() - t0
 
@@ -581,6 +611,7 @@ def score(args) -> int:
         f"{qstore.rows:,} query tokens scored."
     )
     print("\n".join(lines), flush=True)
+    (args.out / "table.txt").write_text("\n".join(lines) + "\n")
     summary["table"] = results
     summary["table_text"] = lines
     comb = results["all taps:combined(fisher)"]["triggered"]

@@ -36,7 +36,7 @@ def quick_run(tmp_path_factory) -> Path:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     (out / "stdout.txt").write_text(proc.stdout)
@@ -53,15 +53,62 @@ def test_quick_demo_runs_and_measures_the_backdoor(quick_run):
 
 
 @pytest.mark.slow
-def test_quick_demo_invariants(quick_run):
-    summary_path = quick_run / "summary.json"
-    if not summary_path.exists():
-        pytest.skip("stage 4 did not run (a library part it needs has not landed)")
-    s = json.loads(summary_path.read_text())
-    # Every logged token was scored, once.
-    assert s["store_rows"] == s["query_tokens"] == s["scored_rows"]
-    # Scores from the checkpoint reloaded in a fresh process equal the in-memory scores.
-    assert s["reload_vs_memory"]["compared"] > 0
-    assert s["reload_vs_memory"]["max_rel_diff"] <= 1e-4
-    # Triggered sequences rank above clean ones on average (mean sequence-level AUROC).
-    assert s["mean_sequence_auroc"]["triggered"] > 0.5
+def test_store_rows_equal_tokens_scored(quick_run):
+    from jaxmon import query
+
+    labels = np.load(quick_run / "query_labels.npz")
+    store = query.open_store(quick_run / "store" / "query")
+    assert store.rows == labels["tokens"].size
+    for name in ("scores_raw", "scores"):
+        res = query.load_result(quick_run / name)
+        assert res.rows == store.rows
+        for key in res.keys:
+            s = res.scores(key)
+            assert s.shape == (store.rows,) and np.isfinite(s).all(), (name, key)
+    # Rows are logged in order: sequence i, position j is row i * seq_len + j.
+    seq_len = labels["tokens"].shape[1]
+    seq = store.read_meta("sequence_id", 0, store.rows)
+    pos = store.read_meta("position", 0, store.rows)
+    np.testing.assert_array_equal(seq, np.repeat(np.arange(len(labels["tokens"])), seq_len))
+    np.testing.assert_array_equal(pos, np.tile(np.arange(seq_len), len(labels["tokens"])))
+
+
+@pytest.mark.slow
+def test_checkpoint_reload_scores_equal_in_memory_scores(quick_run):
+    import jax
+
+    import jaxmon
+    from jaxmon import query
+
+    ck = jaxmon.load(quick_run / "checkpoint")
+    with np.load(quick_run / "inmemory_scores.npz") as z:
+        mem = {str(k): z[f"s{i}"].reshape(-1) for i, k in enumerate(z["keys"])}
+    assert set(mem) == set(ck.fitted)
+    n = next(iter(mem.values())).size
+    store = query.open_store(quick_run / "store" / "query")
+    taps = {t: store.read(t, 0, n).result() for t in store.taps}
+    again = jax.device_get(ck.estimator.score(ck.fitted, taps))
+    # The batch query (fresh process, blocked reads) gives the same scores too.
+    res = query.load_result(quick_run / "scores_raw")
+    for k in mem:
+        np.testing.assert_allclose(again[k], mem[k], rtol=1e-4, atol=1e-4 * np.abs(mem[k]).max())
+        np.testing.assert_allclose(
+            res.scores(k, 0, n), mem[k], rtol=1e-4, atol=1e-4 * np.abs(mem[k]).max()
+        )
+
+
+@pytest.mark.slow
+def test_triggered_sequences_rank_above_clean(quick_run):
+    from jaxmon import metrics, query
+
+    seqs = query.load_result(quick_run / "scores_raw").sequences()
+    trig, clean = seqs["label"] == 1, seqs["label"] == 0
+    assert trig.sum() > 0 and clean.sum() > 0
+    keys = [k.removeprefix("max/") for k in seqs if k.startswith("max/")]
+    aucs = []
+    for k in keys:
+        s = seqs[f"max/{k}"]
+        y = np.r_[np.ones(trig.sum(), bool), np.zeros(clean.sum(), bool)]
+        aucs.append(metrics.auroc(np.r_[s[trig], s[clean]], y))
+    # On average over the monitor's detectors, a triggered sequence outranks a clean one.
+    assert np.mean(aucs) > 0.5, dict(zip(keys, aucs, strict=True))
