@@ -131,7 +131,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.rows, args.rss_rows, args.block, args.rounds = 65536, "32768,131072", 8192, 1
-    rss_sizes = [int(v) for v in args.rss_rows.split(",")]
+    rss_sizes = [int(v) for v in args.rss_rows.split(",") if v]  # "" skips the RSS runs
     root = args.dir or tempfile.mkdtemp(prefix="jaxmon_bench_query_")
     os.makedirs(root, exist_ok=True)
     need = (args.rows + sum(rss_sizes)) * D * 2
@@ -212,8 +212,9 @@ def main() -> None:
     print("|---|---|")
     for n, v in rss.items():
         print(f"| {n:,} | {v:,.0f} |")
-    a, b = rss_sizes
-    print(f"peak RSS ratio {b:,} / {a:,} tokens = {rss[b] / rss[a]:.2f}")
+    if len(rss_sizes) == 2:
+        a, b = rss_sizes
+        print(f"peak RSS ratio {b:,} / {a:,} tokens = {rss[b] / rss[a]:.2f}")
 
 
 if __name__ == "__main__":

@@ -335,10 +335,10 @@ def _score_path(out: str, i: int, key: str) -> str:
 
 def _write_json_atomic(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
+    # os.replace is atomic for readers and survives a killed process; no fsync: like the
+    # tensorstore score writes it guards against process death, not power loss.
     with open(tmp, "w") as f:
         json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -613,14 +613,9 @@ def _summarize(store, out, keys, outs, topk, b, fitted, calibrated, query) -> di
         rows, sc = topk[k]
         top = []
         if has_meta and len(rows):
-            order = np.argsort(rows)
-            seq = np.empty(len(rows), np.int64)
-            pos = np.empty(len(rows), np.int64)
-            # Top-k rows are few: read each row's metadata directly.
-            for j in order:
-                r = int(rows[j])
-                seq[j] = int(store.read_meta("sequence_id", r, r + 1)[0])
-                pos[j] = int(store.read_meta("position", r, r + 1)[0])
+            # Top-k rows are few: one point read per column.
+            seq = store.meta["sequence_id"].vindex[rows].read().result().astype(np.int64)
+            pos = store.meta["position"].vindex[rows].read().result().astype(np.int64)
         for j in range(len(rows)):
             item = {"row": int(rows[j]), "score": float(sc[j])}
             if has_meta:
