@@ -185,8 +185,8 @@ class Counts(NamedTuple):
 
 def counts_zero() -> Counts:
     """Empty counters."""
-    z = jnp.zeros((2,), jnp.uint32)
-    return Counts(z, z)
+    # Two distinct buffers: a state whose leaves alias one buffer cannot be donated.
+    return Counts(jnp.zeros((2,), jnp.uint32), jnp.zeros((2,), jnp.uint32))
 
 
 def _add_words(a: Array, b: Array) -> Array:

@@ -42,9 +42,9 @@ def acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
 def moments_init(d: int, dtype: jnp.dtype = jnp.float32, *, diagonal: bool = False) -> Moments:
     """Empty moments of ``d`` features (the identity of :func:`moments_merge`)."""
     acc = acc_dtype(dtype)
-    z = jnp.zeros((), acc)
     m2 = jnp.zeros((d,) if diagonal else (d, d), acc)
-    return Moments(counts_zero(), z, jnp.zeros((d,), acc), m2, jnp.zeros((d,), acc), z)
+    z = lambda: jnp.zeros((), acc)  # distinct buffers, so that states can be donated
+    return Moments(counts_zero(), z(), jnp.zeros((d,), acc), m2, jnp.zeros((d,), acc), z())
 
 
 def _quad(m2: jax.Array, v: jax.Array) -> jax.Array:
