@@ -131,10 +131,11 @@ def _merge(a: TransitionState, b: TransitionState) -> TransitionState:
     return _split(nm.moments_merge(_joint(a), _joint(b)), a.mean_a.shape[0])
 
 
-@functools.partial(jax.jit, static_argnames=("ridge", "rank", "residual_ridge"))
+@functools.partial(jax.jit, static_argnames=("rank",))
 def _finalize(
-    state: TransitionState, *, ridge: float, rank: int | None, residual_ridge: float
+    state: TransitionState, ridge: jax.Array, residual_ridge: jax.Array, *, rank: int | None
 ) -> TransitionFitted:
+    # The ridges are traced (one compiled finalize serves every value); the rank sets shapes.
     w = state.weight
     inv_w = jnp.where(w > 0, 1 / jnp.where(w > 0, w, 1), 0)
     s_aa, s_ab, s_bb = state.m2_aa * inv_w, state.m2_ab * inv_w, state.m2_bb * inv_w
@@ -246,7 +247,10 @@ def transition(
         return _update(state, x, mask, weights)
 
     def finalize(state: TransitionState) -> TransitionFitted:
-        return _finalize(state, ridge=ridge, rank=rank, residual_ridge=residual_ridge)
+        acc = state.m2_aa.dtype
+        return _finalize(
+            state, jnp.asarray(ridge, acc), jnp.asarray(residual_ridge, acc), rank=rank
+        )
 
     def score(fitted: TransitionFitted, x, *, mask=None):
         return _score(fitted, x, mask)
