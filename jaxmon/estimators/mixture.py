@@ -37,7 +37,6 @@ from jaxmon.estimators import reservoir as rv
 __all__ = ["MixtureFitted", "gaussian_mixture"]
 
 _HI = jax.lax.Precision.HIGHEST
-_KMEANS_ITERS = 10
 
 
 class MixtureFitted(NamedTuple):
@@ -92,6 +91,7 @@ def fit_mixture(
     ridge: float,
     diagonal: bool,
     key: jax.Array,
+    kmeans_iters: int = 10,
 ) -> MixtureFitted:
     """EM on the valid rows of a bank ``x[m, d]`` (see module docstring)."""
     m = x.shape[0]
@@ -117,7 +117,7 @@ def fit_mixture(
         new = jnp.matmul(r, xc, precision=_HI) / jnp.where(nk > 0, nk, 1)[:, None]
         return jnp.where((nk > 0)[:, None], new, centres)
 
-    centres = jax.lax.fori_loop(0, _KMEANS_ITERS, lloyd, centres)
+    centres = jax.lax.fori_loop(0, kmeans_iters, lloyd, centres)
     params = _params(xc, hard(centres), reg, diagonal)
 
     def em(_, params):
@@ -152,6 +152,7 @@ def gaussian_mixture(
     iters: int = 100,
     covariance: str = "full",
     ridge: float = 1e-6,
+    kmeans_iters: int = 10,
 ) -> Estimator:
     """A Gaussian mixture fitted by EM on a reservoir bank; score = negative log-likelihood.
 
@@ -163,6 +164,7 @@ def gaussian_mixture(
       iters: EM iterations (fixed: one compiled loop).
       covariance: ``"full"`` or ``"diag"``.
       ridge: added to each covariance's diagonal, times the bank's mean variance.
+      kmeans_iters: Lloyd iterations refining the initial centres before EM.
 
     Returns:
       An :class:`~jaxmon.Estimator` with :class:`~jaxmon.ReservoirState` states (exact merges)
@@ -177,15 +179,26 @@ def gaussian_mixture(
         raise ValueError(
             f"gaussian_mixture: need 1 ≤ components ≤ bank_size, got {components}, {bank_size}"
         )
-    if int(iters) < 0:
-        raise ValueError(f"gaussian_mixture: iters must be non-negative, got {iters}")
+    if int(iters) < 0 or int(kmeans_iters) < 0:
+        raise ValueError(
+            f"gaussian_mixture: iters and kmeans_iters must be non-negative, got {iters}, "
+            f"{kmeans_iters}"
+        )
     return _gaussian_mixture(
-        int(components), int(seed), int(bank_size), int(iters), covariance, float(ridge)
+        int(components),
+        int(seed),
+        int(bank_size),
+        int(iters),
+        covariance,
+        float(ridge),
+        int(kmeans_iters),
     )
 
 
 @functools.lru_cache(maxsize=64)
-def _gaussian_mixture(components, seed, bank_size, iters, covariance, ridge) -> Estimator:
+def _gaussian_mixture(
+    components, seed, bank_size, iters, covariance, ridge, kmeans_iters
+) -> Estimator:
     # Cached by hyperparameters: equal specs share one set of compiled functions.
     spec = EstimatorSpec(
         "gaussian_mixture",
@@ -196,6 +209,7 @@ def _gaussian_mixture(components, seed, bank_size, iters, covariance, ridge) -> 
             "iters": iters,
             "covariance": covariance,
             "ridge": ridge,
+            "kmeans_iters": kmeans_iters,
         },
     )
     name = "gaussian_mixture"
@@ -223,6 +237,7 @@ def _gaussian_mixture(components, seed, bank_size, iters, covariance, ridge) -> 
             ridge=ridge,
             diagonal=diagonal,
             key=jax.random.key(seed),
+            kmeans_iters=kmeans_iters,
         )
 
     @jax.jit
