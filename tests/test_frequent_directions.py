@@ -188,3 +188,12 @@ def test_error_bound_rejects_other_states():
     est = jaxmon.gaussian()
     with pytest.raises(TypeError, match="Frequent Directions"):
         jaxmon.error_bound(est.init(jax.ShapeDtypeStruct((3,), jnp.float32)))
+
+
+def test_empty_state_can_be_donated(rng):
+    # Leaves of an empty state must not alias one buffer, or donation fails.
+    est = jaxmon.frequent_directions(sketch_size=4)
+    x = jnp.asarray(rng.standard_normal((16, 6)), jnp.float32)
+    step = jax.jit(lambda s, x: est.update(s, x), donate_argnums=0)
+    s = step(est.init(jax.ShapeDtypeStruct((6,), jnp.float32)), x)
+    assert jaxmon.num_rows(step(s, x)) == 32

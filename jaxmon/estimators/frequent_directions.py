@@ -92,8 +92,8 @@ class FDFitted(NamedTuple):
 def fd_init(d: int, ell: int, dtype=jnp.float32) -> FDState:
     """Empty sketch (the identity of :func:`fd_merge`)."""
     acc = nm.acc_dtype(dtype)
-    z = jnp.zeros((), acc)
-    return FDState(counts_zero(), z, jnp.zeros((d,), acc), z, jnp.zeros((ell, d), acc), z)
+    z = lambda: jnp.zeros((), acc)  # distinct buffers, so that states can be donated
+    return FDState(counts_zero(), z(), jnp.zeros((d,), acc), z(), jnp.zeros((ell, d), acc), z())
 
 
 def _shrink(z: jax.Array, ell: int) -> tuple[jax.Array, jax.Array]:
