@@ -84,8 +84,12 @@ def test_sketch_source_matches_numpy_ppca_of_its_own_spectrum_and_the_exact_subs
     bound = float(jaxmon.error_bound(s)) / len(x)
     lam = np.asarray(f.eigenvalues, np.float64)
     tol = 1e-5 * np.trace(cov)
-    # FD: every sketched eigenvalue lies in [λ_i − Δ/W, λ_i].
-    assert np.all(lam <= w[:rank] + tol) and np.all(lam >= w[:rank] - bound - tol)
+    # FD: the sketch's λ̂_i lie in [λ_i − Δ/W, λ_i]; the fitted variances add ρ ∈ [0, Δ/W].
+    assert np.all(lam <= w[:rank] + bound + tol) and np.all(lam >= w[:rank] - bound - tol)
+    b = np.asarray(s.sketch, np.float64)
+    sig2 = np.sort(np.linalg.eigvalsh(b @ b.T))[::-1][:rank] / len(x)
+    rho = (np.trace(cov) - np.sum(b * b) / len(x)) / d
+    np.testing.assert_allclose(lam, sig2 + rho, rtol=1e-4, atol=tol)
     # The planted subspace is recovered (projector distance).
     v = np.asarray(f.components, np.float64)
     assert subspace_distance(v, basis) < 0.05
@@ -108,6 +112,21 @@ def test_residual_energy_flags_off_subspace_rows(rng):
     # A unit step off the subspace (spread 0.05 there) beats every inlier; the same rows'
     # in-subspace spread is 30-60 times larger, so a plain norm would not separate them.
     assert s_odd.min() > s_in.max()
+
+
+def test_sketch_source_on_a_flat_spectrum_scores_like_the_exact_model(rng):
+    # Isotropic rows: a small sketch's eigenvalues collapse towards 0 (Δ/W is most of the
+    # variance); with the shed mass restored the inlier scores stay near E[χ²_d] = d, as exact.
+    d = 16
+    x = jnp.asarray(rng.standard_normal((512, d)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((256, d)), jnp.float32)
+    means = []
+    for kw in ({}, {"source": "frequent_directions", "sketch_size": 6}):
+        est = jaxmon.pca_residual(rank=3, **kw)
+        means.append(
+            float(np.mean(np.asarray(est.score(est.finalize(est.update(est.init(x[0]), x)), q))))
+        )
+    assert abs(means[0] - d) < 0.15 * d and abs(means[1] - d) < 0.25 * d, means
 
 
 @pytest.mark.slow

@@ -18,8 +18,12 @@ Two sources of the subspace:
 * ``source="moments"``: exact covariance from :class:`jaxmon._numerics.Moments` (d×d state,
   exact Chan merges), ``eigh`` in ``finalize``;
 * ``source="frequent_directions"``: a Frequent Directions sketch (O(ℓd) state; works at
-  d = 16k). The sketched eigenvalues lie within ``error_bound/W`` below the true ones; the total
-  variance ``tr Σ̂`` is tracked exactly, so σ² absorbs what the sketch drops.
+  d = 16k). The sketch's eigenvalues ``λ̂_i`` lie within ``Δ/W`` (``error_bound/W``) below the
+  true ones, and on flat spectra they collapse towards 0, which would inflate the whitened
+  distance. The variance along each sketched direction is therefore ``λ̂_i + ρ``, with
+  ``ρ = (tr Σ̂ − |B|²_F/W)/d`` the mass the sketch shed spread isotropically (``C ≈ BᵀB + ρI``);
+  ``ρ ≤ Δ/W``, so this stays inside FD's guarantee ``[λ̂_i, λ̂_i + Δ/W]``. The total variance
+  ``tr Σ̂`` is tracked exactly, so σ² absorbs the rest.
 """
 
 from __future__ import annotations
@@ -141,9 +145,13 @@ def _pca_residual(rank: int, source: str, ell: int | None, ridge: float) -> Esti
         d = state.mean.shape[0]
         wt = jnp.where(state.weight > 0, state.weight, 1)
         if sketched:
-            lam, vecs = fd.fd_spectrum(state)
+            sig2, vecs = fd.fd_spectrum(state)
             total = state.trace / wt
-            lam, vecs = lam[:rank] / wt, vecs[:rank]
+            # Mass the sketch shed, spread isotropically (C ≈ BᵀB + ρI): stays inside FD's
+            # guarantee λ̂_i ≤ λ_i ≤ λ̂_i + Δ/W since tr(C − BᵀB) ≤ dΔ, and keeps flat spectra
+            # (where λ̂ collapses towards 0) from inflating the whitened distance.
+            rho = jnp.maximum(total - jnp.sum(sig2) / wt, 0) / d
+            lam, vecs = sig2[:rank] / wt + rho, vecs[:rank]
         else:
             cov = nm.covariance(state)
             ev, u = jnp.linalg.eigh(cov)
