@@ -190,7 +190,7 @@ def test_splices_into_the_users_composite_checkpoint(tmp_path, fitted_gaussian):
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     from _kill_save import states
 
-    d = 4000  # a 64 MB covariance: its save takes long enough to be killed mid-way
+    d = 3000  # a 36 MB covariance: its save takes long enough to be killed mid-way
     directory = tmp_path / "ck"
     script = os.path.join(os.path.dirname(__file__), "_kill_save.py")
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")

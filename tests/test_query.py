@@ -114,7 +114,13 @@ def test_calibrated_monitor_reports_exceedances(store, tmp_path):
     s = jaxmon.begin_calibration(cal, s)
     s = cal.update(s, jnp.asarray(x[300:600]))
     fitted = cal.finalize(s)
-    res = query.score_store(store, cal, fitted, out=tmp_path / "q", tap="h", block_rows=128)
+    # Through a checkpoint: the fitted value is a registered dataclass with a static spec.
+    checkpoint.save(tmp_path / "ck", cal, s, fitted=fitted)
+    ck = checkpoint.load(tmp_path / "ck")
+    assert ck.fitted.spec == fitted.spec
+    res = query.score_store(
+        store, str(tmp_path / "ck"), out=tmp_path / "q", tap="h", block_rows=128
+    )
     assert res.summary["calibrated"]
     p = np.asarray(jaxmon.p_values(fitted, jnp.asarray(st.taps["h"][:].read().result())))
     info = res.summary["keys"]["h"]
