@@ -15,6 +15,7 @@ Everything that cannot be merged (eigendecompositions, Cholesky factors, EM) hap
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
@@ -128,6 +129,9 @@ class Estimator(NamedTuple):
 # --------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, Callable[..., Estimator]] = {}
+# Estimators registered by modules that ``import jaxmon`` does not load (they pull in heavier
+# dependencies): from_spec imports them on demand, so a checkpoint needs no user code.
+_LAZY_PROVIDERS = {"shard_local": "jaxmon.sharding", "shard_wide": "jaxmon.sharding"}
 
 
 def register(name: str, builder: Callable[..., Estimator] | None = None):
@@ -156,6 +160,8 @@ def from_spec(spec: str | Mapping[str, Any] | EstimatorSpec) -> Estimator:
     elif isinstance(spec, str):
         spec = json.loads(spec)
     name = spec["name"]
+    if name not in _REGISTRY and name in _LAZY_PROVIDERS:
+        importlib.import_module(_LAZY_PROVIDERS[name])
     if name not in _REGISTRY:
         raise ValueError(
             f"no estimator named {name!r} is registered (known: {sorted(_REGISTRY)}); "
