@@ -8,6 +8,7 @@ is computed in ``finalize`` from streamed statistics and equals scikit-learn's `
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -106,6 +107,13 @@ def gaussian(
         )
     if diagonal and relative:
         raise ValueError("gaussian: relative=True compares full against diagonal; drop diagonal")
+    return _gaussian(shrinkage, bool(diagonal), bool(relative), float(ridge))
+
+
+@functools.lru_cache(maxsize=64)
+def _gaussian(shrinkage, diagonal: bool, relative: bool, ridge: float) -> Estimator:
+    # Cached by (normalised) hyperparameters: estimators are pure functions, so equal specs,
+    # from_spec included, share one set of jitted functions and compile once per process.
     spec = EstimatorSpec(
         "gaussian",
         {"shrinkage": shrinkage, "diagonal": diagonal, "relative": relative, "ridge": ridge},
