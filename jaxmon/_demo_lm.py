@@ -271,13 +271,13 @@ class QuerySet:
 
 
 def build_query_set(corpus: Corpus, *, tokens: int, seq_len: int, seed: int) -> QuerySet:
-    """About ``tokens`` query tokens, a quarter of each kind (clean capped by held-out text).
+    """At least ``tokens`` query tokens, a quarter of each kind.
 
     Clean, triggered and shuffled rows are built from the same held-out windows, so the three
     differ only by the planted change.
     """
     rng = np.random.default_rng(seed)
-    per_kind = max(1, tokens // (4 * seq_len))
+    per_kind = max(1, -(-tokens // (4 * seq_len)))  # at least `tokens` in all
     clean = windows(corpus.query, seq_len, per_kind)
     if len(clean) < per_kind:
         # Not enough held-out text for non-overlapping windows: use overlapping ones.
