@@ -183,6 +183,7 @@ class ActivationWriter:
         self.chunk_rows = chunk_rows
         self.max_pending = max_pending
         self._taps: dict[str, _Column] = {}
+        self._declared: tuple[str, ...] = ()  # tap names fixed by the first write
         self._meta: dict[str, _Column] = {}
         self._splits: list[str] = []
         self._rows = 0  # rows accepted (after masking), known once the worker converts them
@@ -246,7 +247,7 @@ class ActivationWriter:
                 x.copy_to_host_async()  # start the device-to-host copy; convert off-thread
             handed[name] = x
         with self._lock:
-            known = set(self._taps) | set(getattr(self, "_declared", ()))
+            known = set(self._declared)
             if known and set(handed) != known:
                 raise ValueError(
                     f"write() got taps {sorted(handed)} but this store logs {sorted(known)}; "
