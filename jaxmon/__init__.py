@@ -48,9 +48,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'jaxmon' has no attribute {name!r}")
 
 
-def load(directory, *, step=None):
-    """Rebuilds estimator, state and fitted values from a checkpoint alone (see
-    ``jaxmon.checkpoint.load``)."""
+def load(directory, *, step=None, **kwargs):
+    """Rebuilds estimator, state and fitted values from a checkpoint alone.
+
+    Keyword arguments (``sharding=``, ``estimator=``, ``with_fitted=``, ...) are those of
+    ``jaxmon.checkpoint.load``.
+    """
     from jaxmon.checkpoint import load as _load
 
-    return _load(directory, step=step)
+    return _load(directory, step=step, **kwargs)
