@@ -15,6 +15,12 @@
 
 Run ``python -m jaxmon.demo --quick`` for a small run (the test suite's), or with no flags for the
 default run. A stage whose library part is missing is skipped with a printed note.
+
+Outputs under ``--out`` (default ``runs/demo``): ``checkpoint/`` (orbax: model parameters and the
+monitor's state, fitted value and metadata), ``store/query`` and ``store/calib`` (activation
+stores), ``scores_raw/``, ``scores/`` (calibrated, -log10 p) and ``scores_calib/`` (batch-query
+outputs), ``report/index.html``, ``table.txt``, and ``train.json`` / ``log.json`` /
+``summary.json`` (every figure printed).
 """
 
 from __future__ import annotations
@@ -74,21 +80,22 @@ def _note(msg: str) -> None:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxmon.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a small run (about a minute)")
+    p.add_argument("--quick", action="store_true", help="a small run (under 2 minutes)")
     p.add_argument("--tokens", type=int, help="query tokens to log and score (default 1M)")
     p.add_argument("--steps", type=int, help="training steps")
     p.add_argument("--d-model", type=int, help="model width")
     p.add_argument("--layers", type=int, help="transformer blocks")
     p.add_argument("--seq-len", type=int, help="tokens per sequence")
     p.add_argument("--batch", type=int, help="training batch (sequences)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, data and query set")
     p.add_argument("--poison", type=float, help="fraction of training windows with the trigger")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     p.add_argument(
         "--stage",
         choices=("all", "train", "score"),
         default="all",
-        help="all: train+log here, then score in a fresh process; score: only stage 4",
+        help="all: stages 1-3 here, then stage 4 in a fresh process; train: stages 1-3; "
+        "score: stage 4 only (reads --out)",
     )
     args = p.parse_args(argv)
     base = QUICK if args.quick else DEFAULT
@@ -98,6 +105,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.eval_rows = base["eval_rows"]
     args.heads = base["heads"]
     args.knn_bank = base["knn_bank"]
+    if args.d_model % args.heads:
+        p.error(f"--d-model must be a multiple of the {args.heads} attention heads")
+    if min(args.tokens, args.steps, args.layers, args.batch) < 1 or args.seq_len < 48:
+        p.error("--tokens, --steps, --layers, --batch must be >= 1 and --seq-len >= 48")
     return args
 
 
