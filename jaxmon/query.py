@@ -44,6 +44,7 @@ __all__ = [
     "load_result",
     "open_store",
     "score_store",
+    "score_store_batch",
 ]
 
 FPRS = (0.1, 0.01, 0.001)
@@ -737,3 +738,93 @@ def fit_store(
             mask &= sp == code
         state = est.update(state, xs if monitor else xs[taps[0]], mask=jnp.asarray(mask))
     return state, example
+
+
+def _batch_detector(method: str, alpha: float, num_directions: int) -> Estimator:
+    """A scoring-only adapter: ``score((trusted, query_moments), x)`` is the batch detector.
+
+    Batch detectors are not estimators (their scores depend on the query set), so this adapter
+    exists only to run :func:`score_store`'s streaming scorer; its other functions refuse.
+    """
+    from jaxmon._base import EstimatorSpec
+    from jaxmon.estimators.batch_detectors import que_scores, spectral_signature_scores
+
+    def refuse(*_, **__):
+        raise TypeError(
+            "batch detectors only score; fit their statistics with fit_store (see "
+            "jaxmon.query.score_store_batch)"
+        )
+
+    if method == "que":
+
+        def score(fitted, x, *, mask=None):
+            return que_scores(fitted[0], fitted[1], x, alpha=alpha, mask=mask)
+
+    elif method == "spectral":
+
+        def score(fitted, x, *, mask=None):
+            return spectral_signature_scores(
+                fitted[0], fitted[1], x, num_directions=num_directions, mask=mask
+            )
+
+    else:
+        raise ValueError(f"method must be 'que' or 'spectral', got {method!r}")
+    params = {"method": method, "alpha": alpha, "num_directions": num_directions}
+    return Estimator(refuse, refuse, refuse, refuse, score, EstimatorSpec("batch_detector", params))
+
+
+def score_store_batch(
+    store: Store | str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    tap: str | None = None,
+    method: str = "que",
+    trusted_split: str = "trusted",
+    query_split: str | None = None,
+    alpha: float = 4.0,
+    num_directions: int = 1,
+    block_rows: int | None = None,
+    top_k: int = 100,
+    resume: bool = True,
+    progress: bool | None = None,
+    devices: Sequence[Any] | None = None,
+) -> QueryResult:
+    """Whole-batch detectors (QUE, spectral signatures) over a store, as streaming passes.
+
+    QUE and spectral signatures need the query set's own covariance, which no single block
+    holds. Three passes over the store, each bounded by the block size like
+    :func:`score_store`: (1) the trusted moments (``trusted_split``), (2) the query set's
+    moments (``query_split``; ``None`` = every row), (3) every row scored against both with
+    :func:`score_store` (so the output, resumability and top-k are the same). Trusted rows are
+    scored too, which gives the scores' null distribution for free.
+
+    Args:
+      store: a :class:`Store` or its directory.
+      out: output directory of the scoring pass.
+      tap: the tap to audit (needed when the store holds several).
+      method: ``"que"`` (Dong, Hopkins & Li 2019) or ``"spectral"`` (Tran, Li & Madry 2018).
+      trusted_split, query_split: the splits whose statistics are compared.
+      alpha: QUE's inverse temperature; num_directions: spectral signature directions.
+      block_rows, top_k, resume, progress, devices: as for :func:`score_store`.
+
+    Returns:
+      The :class:`QueryResult` of the scoring pass (one score key).
+    """
+    from jaxmon.estimators.gaussian import gaussian
+
+    g = gaussian()
+    trusted, _ = fit_store(store, g, tap=tap, split=trusted_split, block_rows=block_rows)
+    query_moments, _ = fit_store(store, g, tap=tap, split=query_split, block_rows=block_rows)
+    est = _batch_detector(method, alpha, num_directions)
+    return score_store(
+        store,
+        est,
+        (g.finalize(trusted), query_moments),
+        out=out,
+        tap=tap,
+        block_rows=block_rows,
+        top_k=top_k,
+        resume=resume,
+        progress=progress,
+        devices=devices,
+    )
