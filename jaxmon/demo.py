@@ -18,9 +18,9 @@ default run. A stage whose library part is missing is skipped with a printed not
 
 Outputs under ``--out`` (default ``runs/demo``): ``checkpoint/`` (orbax: model parameters and the
 monitor's state, fitted value and metadata), ``store/query`` and ``store/calib`` (activation
-stores), ``scores_raw/``, ``scores/`` (calibrated, -log10 p) and ``scores_calib/`` (batch-query
-outputs), ``report/index.html``, ``table.txt``, and ``train.json`` / ``log.json`` /
-``summary.json`` (every figure printed).
+stores), the batch-query outputs ``scores_raw/``, ``scores/`` (calibrated, -log10 p) and
+``scores_calib/`` (raw scores of the calibration text), ``report/index.html``, ``table.txt``,
+and ``train.json`` / ``log.json`` / ``summary.json`` (every figure printed).
 """
 
 from __future__ import annotations
@@ -591,9 +591,8 @@ def score(args) -> int:
     c2 = time.process_time()
     calq = query.score_store(qstore, cal, cfitted, out=args.out / "scores", resume=False)
     c3 = time.process_time()
-    query.score_store(
-        store_dir / "calib", cal, cfitted, out=args.out / "scores_calib", resume=False
-    )
+    # Raw scores of the calibration text: the trusted reference histograms of the report.
+    query.score_store(store_dir / "calib", ck, out=args.out / "scores_calib", resume=False)
     _log(
         f"      batch-scored the store: raw {c2 - c1:.1f}s CPU, calibrated {c3 - c2:.1f}s CPU, "
         f"calibration text {time.process_time() - c3:.1f}s CPU"
@@ -634,8 +633,10 @@ def score(args) -> int:
     try:
         from jaxmon import report
 
+        # On raw scores: calibrated ones saturate at -log10(1/(n+1)) beyond the largest
+        # calibration score, which would tie the most anomalous sequences.
         html = report.write_report(
-            args.out / "scores", args.out / "report", trusted=args.out / "scores_calib"
+            args.out / "scores_raw", args.out / "report", trusted=args.out / "scores_calib"
         )
         _log(f"      HTML report: {html}")
     except ImportError as e:
