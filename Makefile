@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	# Two workers: most test time is single-threaded XLA compilation, and CI has two cores.
+	$(PY) -m pytest -q -n 2 --durations=15
 
 demo: $(STAMP)
 	$(PY) -m jaxmon.demo $(ARGS)
