@@ -15,7 +15,7 @@ def test_readme_tour_runs(capsys):
     scope = {"__name__": "readme_tour"}
     exec(compile(code, str(README), "exec"), scope)
     # The calibrated monitor scored every logged token and kept the most anomalous ones.
-    res, ck, fit = scope["res"], scope["ck"], scope["fit"]
+    res = scope["res"]
     assert res.rows == 5000
     top = res.top("blocks/1/resid:gauss")
     assert len(top) > 0 and top[0]["score"] >= top[-1]["score"]
