@@ -32,37 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _toy_mlp import CENTRES, CLASSES, D_IN, HIDDEN, LAYERS, forward, init_model
 
 import jaxmon
 
-D_IN, HIDDEN, CLASSES, N = 32, 64, 8, 2000
-LAYERS = ("layer1", "layer2", "layer3")
+N = 2000
 # Headline distance per kind: squared Fréchet (gaussian), relative map change (transition),
 # KS (quantiles); then KL(trusted ‖ audited) of the layer / of the transition residual.
 COLUMNS = ("kl_ab", "mean_shift", "residual_kl_ab", "explained_b")
 
 
-def init_model(key):
-    sizes = [D_IN, HIDDEN, HIDDEN, HIDDEN, CLASSES]
-    keys = jax.random.split(key, len(sizes) - 1)
-    return [
-        (jax.random.normal(k, (a, b)) / np.sqrt(a), jnp.zeros((b,)))
-        for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)
-    ]
-
-
-def forward(params, x):
-    """Returns ``(logits, taps)``: the plain-JAX tapping convention."""
-    taps = {}
-    h = x
-    for i, (w, b) in enumerate(params[:-1]):
-        h = jax.nn.gelu(h @ w + b[None, :])
-        taps[f"layer{i + 1}"] = h
-    w, b = params[-1]
-    return h @ w + b[None, :], taps
-
-
-CENTRES = np.random.default_rng(0).standard_normal((CLASSES, D_IN)) * 1.5
 TRIGGER = np.zeros(D_IN)
 TRIGGER[[3, 11, 27]] = 2.5
 
