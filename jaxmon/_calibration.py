@@ -336,7 +336,9 @@ def threshold(fitted: CalibratedFitted | QuantilesFitted, *, fpr: float = 0.01):
 _METHODS = ("fisher", "bonferroni", "min_p", "tippett")
 
 
-def combine(p_values, *, method: str = "fisher", axis: int | None = None) -> jax.Array:
+def combine(
+    p_values, *, method: str = "fisher", axis: int | None = None, log: bool = False
+) -> jax.Array:
     """Combines the p-values of many taps into one p-value per row (jittable).
 
     Args:
@@ -350,9 +352,13 @@ def combine(p_values, *, method: str = "fisher", axis: int | None = None) -> jax
         ``min(1, k · min p)``: valid under any dependence, sensitive to one strong tap);
         ``"tippett"`` (``1 - (1 - min p)^k``, Šidák: exact for independent taps).
       axis: the tap axis when ``p_values`` is one array.
+      log: return the natural log of the combined p-value instead. It never underflows: strong
+        evidence spread over many taps gives Fisher p-values far below float32's smallest
+        number (``1e-38``), where the plain p-value is 0 and ``-log10`` of it infinite.
 
     Returns:
-      The combined p-value; ``-log10`` of it is one calibrated score (higher = more anomalous).
+      The combined p-value (or its natural log); ``-log10`` of it is one calibrated score
+      (higher = more anomalous).
 
     Raises:
       ValueError: an unknown ``method`` or no p-values.
@@ -374,20 +380,30 @@ def combine(p_values, *, method: str = "fisher", axis: int | None = None) -> jax
             raise ShapeError(f"combine: every tap's p-values must share one shape, got {shapes}")
         p = jnp.stack([jnp.asarray(v, jnp.float32) for v in leaves], axis=0)
         axis = 0
-    return _combine(p, method, axis)
+    return _combine(p, method, axis, log)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _combine(p: jax.Array, method: str, axis: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _combine(p: jax.Array, method: str, axis: int, log: bool) -> jax.Array:
     k = p.shape[axis]
     # p = 0 would give -log 0 = inf; conformal p-values are never 0, clamp raw inputs anyway.
     p = jnp.clip(p, jnp.finfo(jnp.float32).tiny, 1.0)
     if method == "fisher":
-        stat = -2.0 * jnp.sum(jnp.log(p), axis=axis)
-        # chi2(2k) survival function = regularised upper incomplete gamma Q(k, stat / 2).
-        return jax.scipy.special.gammaincc(jnp.float32(k), stat / 2.0)
+        x = -jnp.sum(jnp.log(p), axis=axis)  # half the chi2(2k) statistic -2 Σ log p
+        if not log:
+            # chi2(2k) survival function = regularised upper incomplete gamma Q(k, x).
+            return jax.scipy.special.gammaincc(jnp.float32(k), x)
+        # For integer k, Q(k, x) = e^-x Σ_{i<k} x^i / i! (a Poisson tail): its log is exact
+        # where Q itself underflows.
+        i = jnp.broadcast_to(jnp.arange(k, dtype=jnp.float32), (*x.shape, k))
+        lx = jnp.broadcast_to(jnp.log(x)[..., None], i.shape)
+        terms = jnp.where(i == 0, 0.0, i * lx) - jax.scipy.special.gammaln(i + 1)
+        return -x + jax.scipy.special.logsumexp(terms, axis=-1)
     pmin = jnp.min(p, axis=axis)
     if method == "tippett":
         # 1 - (1 - p)^k without cancellation for small p: -expm1(k log1p(-p)).
-        return -jnp.expm1(k * jnp.log1p(-pmin))
+        q = -jnp.expm1(k * jnp.log1p(-pmin))
+        return jnp.log(q) if log else q
+    if log:
+        return jnp.minimum(0.0, jnp.log(jnp.float32(k)) + jnp.log(pmin))
     return jnp.minimum(1.0, k * pmin)

@@ -601,10 +601,11 @@ def score(args) -> int:
     summary["scored_rows"] = int(min(np.isfinite(v).sum() for v in tok.values()))
     pvals = {k: 10.0 ** (-calq.scores(k).astype(np.float64)) for k in calq.keys}
     for method in ("fisher", "bonferroni"):
-        p = np.asarray(jaxmon.combine({k: jnp.asarray(v) for k, v in pvals.items()}, method=method))
-        # float32 p-values of very anomalous tokens underflow to 0: clamp to the smallest normal.
-        p = np.maximum(p, np.finfo(np.float32).tiny)
-        tok[f"all taps:combined({method})"] = -np.log10(p).reshape(-1, seq_len)
+        # In log space: the p-values of very anomalous tokens underflow float32.
+        logp = jaxmon.combine(
+            {k: jnp.asarray(v) for k, v in pvals.items()}, method=method, log=True
+        )
+        tok[f"all taps:combined({method})"] = (-np.asarray(logp) / np.log(10)).reshape(-1, seq_len)
     score_s = time.perf_counter() - t0
 
     lines, results = _score_table(args, tok, labels)

@@ -235,6 +235,32 @@ def test_combine_matches_scipy(k):
     np.testing.assert_allclose(listed, ours_b, rtol=1e-6)
 
 
+@pytest.mark.parametrize("k", [1, 3, 12])
+def test_combine_log_matches_scipy_where_p_underflows(k):
+    """log=True equals scipy's float64 log tail, including p-values below float32's range."""
+    rng = np.random.default_rng(29)
+    p = rng.uniform(size=(k, 40)) ** rng.uniform(0.5, 4, (k, 1))
+    p[:, 0] = 1e-20  # Fisher over 12 taps: p ~ 1e-218, far below float32's range (1e-38)
+    p[:, 1] = 1.0
+    pj = jnp.asarray(p, jnp.float32)
+    p32 = np.asarray(pj, np.float64)  # the float32-rounded inputs both sides see
+    log_f = np.asarray(jaxmon.combine(pj, axis=0, log=True), np.float64)
+    ref_f = scipy.stats.chi2.logsf(-2 * np.log(p32).sum(0), 2 * k)
+    np.testing.assert_allclose(log_f, ref_f, rtol=1e-4, atol=1e-5)
+    assert np.all(np.isfinite(log_f))
+    if k > 1:  # the plain float32 p-value is 0 there: log space is what keeps the evidence
+        assert float(jaxmon.combine(pj[:, :1], axis=0)[0]) == 0.0 and log_f[0] < -88
+    log_t = np.asarray(jaxmon.combine(pj, axis=0, method="tippett", log=True), np.float64)
+    with np.errstate(divide="ignore"):  # log1p(-1) = -inf for the all-ones column: exact
+        ref_t = np.log(-np.expm1(k * np.log1p(-p32.min(0))))
+    np.testing.assert_allclose(log_t, ref_t, rtol=1e-4, atol=1e-6)
+    log_b = np.asarray(jaxmon.combine(pj, axis=0, method="bonferroni", log=True), np.float64)
+    np.testing.assert_allclose(log_b, np.minimum(0, np.log(k * p32.min(0))), rtol=1e-5, atol=1e-6)
+    # Where the plain p-value is representable, log=True is its log.
+    plain = np.asarray(jaxmon.combine(pj[:, 2:], axis=0), np.float64)
+    np.testing.assert_allclose(np.exp(log_f[2:]), plain, rtol=2e-3, atol=1e-7)
+
+
 def test_protocol_errors():
     cal = jaxmon.calibrated(jaxmon.gaussian())
     s = cal.init(jax.ShapeDtypeStruct((3,), jnp.float32))
