@@ -23,12 +23,15 @@ Routes (``eff GF/s`` counts 2·n·d² flops for each, so syrk and GEMM are compa
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from _common import alternating, machine, matmul_peak, ratio
+
+from jaxmon_kernels.moments import _rows_minor
 
 _NT = (((1,), (1,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))
@@ -54,16 +57,9 @@ def _upper_panels(yt: jax.Array, panels: int = 4) -> list[jax.Array]:
 
 
 def _split3(y: jax.Array) -> jax.Array:
-    n, d = y.shape
     h = y.astype(jnp.bfloat16)
     m = (y - h.astype(jnp.float32)).astype(jnp.bfloat16)
-    tile = 128 if n % 128 == 0 else 1
-
-    def rows_minor(z: jax.Array) -> jax.Array:  # the tiled transpose of jaxmon_kernels.moments
-        t = z.reshape(-1, tile, d).transpose(2, 0, 1).reshape(d, n)
-        return jax.lax.optimization_barrier(t)
-
-    ht, mt = rows_minor(h), rows_minor(m)
+    ht, mt = _rows_minor(h), _rows_minor(m)  # jaxmon's bf16 layout trick
     hm = jax.lax.dot_general(ht, mt, _NT, preferred_element_type=jnp.float32)
     return _gram_nt(ht) + hm + hm.T
 
@@ -95,7 +91,7 @@ def main() -> None:
     try:
         import torch
 
-        torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
         tx = torch.from_numpy(x)
         tbt = torch.from_numpy(xt).to(torch.bfloat16)
         impls["torch f32 X.T @ X"] = lambda: tx.T @ tx
