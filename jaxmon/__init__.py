@@ -10,13 +10,12 @@ Submodules imported on first use (they pull in flax, orbax or tensorstore): ``ja
 
 import importlib as _importlib
 
-from jaxmon import metrics
+from jaxmon import errors, metrics
 from jaxmon._aggregate import *
 from jaxmon._base import (
     Counts,
     Estimator,
     EstimatorSpec,
-    ShapeError,
     from_spec,
     num_nonfinite,
     num_rows,
@@ -27,6 +26,18 @@ from jaxmon._calibration import *
 from jaxmon._compare import *
 from jaxmon._monitor import *
 from jaxmon._taps import *
+from jaxmon.errors import (
+    CheckpointError,
+    ConditioningWarning,
+    ConfigError,
+    ExistingPathError,
+    JaxmonError,
+    MissingFileError,
+    MissingTapError,
+    NotFittedError,
+    ShapeError,
+    StoreError,
+)
 from jaxmon.estimators.batch_detectors import *
 from jaxmon.estimators.flow import *
 from jaxmon.estimators.frequent_directions import *

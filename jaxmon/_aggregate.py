@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmon._base import ShapeError
+from jaxmon.errors import ConfigError
 
 __all__ = ["sequence_scores"]
 
@@ -59,19 +60,19 @@ def sequence_scores(
       ShapeError: ``segment_ids``/``mask``/scores shapes differ.
     """
     if reduce not in _REDUCTIONS:
-        raise ValueError(f"sequence_scores: reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+        raise ConfigError(f"sequence_scores: reduce must be one of {_REDUCTIONS}, got {reduce!r}")
     if reduce == "max_rolling_mean":
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"sequence_scores: reduce='max_rolling_mean' needs an integer window >= 1, "
                 f"got {window!r}"
             )
     elif window is not None:
-        raise ValueError(
+        raise ConfigError(
             f"sequence_scores: window applies to 'max_rolling_mean' only, not {reduce!r}"
         )
     if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
-        raise ValueError(
+        raise ConfigError(
             f"sequence_scores: num_segments must be a positive int, got {num_segments!r}"
         )
     ids = jnp.asarray(segment_ids)

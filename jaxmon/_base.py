@@ -24,13 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmon.errors import ConfigError, NotFittedError, ShapeError
+
 State = Any  # a pytree
 Fitted = Any  # a pytree
 Array = jax.Array
-
-
-class ShapeError(ValueError):
-    """An input whose shape or dtype does not match what the estimator (or tap) expects."""
 
 
 class InitFn(Protocol):
@@ -97,7 +95,7 @@ def _jsonable(value: Any) -> Any:
         return value.item()
     if value is None or isinstance(value, bool | int | float | str):
         return value
-    raise TypeError(
+    raise ConfigError(
         f"estimator hyperparameter {value!r} of type {type(value).__name__} is not JSON-"
         "serialisable; specs may hold only None, bool, int, float, str, lists and dicts"
     )
@@ -142,7 +140,7 @@ def register(name: str, builder: Callable[..., Estimator] | None = None):
 
     def deco(fn: Callable[..., Estimator]) -> Callable[..., Estimator]:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"an estimator named {name!r} is already registered")
+            raise ConfigError(f"an estimator named {name!r} is already registered")
         _REGISTRY[name] = fn
         return fn
 
@@ -152,22 +150,53 @@ def register(name: str, builder: Callable[..., Estimator] | None = None):
 def from_spec(spec: str | Mapping[str, Any] | EstimatorSpec) -> Estimator:
     """Rebuilds an estimator from its spec (JSON string, dict or ``EstimatorSpec``).
 
+    Only names in jaxmon's registry are built (never a module path or callable named by the
+    spec), with the spec's JSON parameters as keyword arguments.
+
     Raises:
-      ValueError: the spec names no registered estimator.
+      ConfigError: the spec is not valid JSON or not a spec dict, names no registered
+        estimator, or its parameters do not fit the estimator.
     """
     if isinstance(spec, EstimatorSpec):
         spec = spec.to_dict()
     elif isinstance(spec, str):
-        spec = json.loads(spec)
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f'an estimator spec must be JSON like \'{{"name": "gaussian"}}\' (from '
+                f"est.spec.to_json()), got {spec[:60]!r}; to build one by name use "
+                "jaxmon.from_spec({'name': ...})"
+            ) from e
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+        raise ConfigError(
+            f"an estimator spec is a dict with a 'name' and 'params', got {str(spec)[:80]}"
+        )
     name = spec["name"]
+    params = spec.get("params", {})
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"the params of estimator spec {name!r} must be a dict, got {params!r}")
     if name not in _REGISTRY and name in _LAZY_PROVIDERS:
         importlib.import_module(_LAZY_PROVIDERS[name])
     if name not in _REGISTRY:
-        raise ValueError(
+        raise ConfigError(
             f"no estimator named {name!r} is registered (known: {sorted(_REGISTRY)}); "
             "was the spec written by a newer jaxmon, or is a plugin module not imported?"
         )
-    return _REGISTRY[name](**dict(spec.get("params", {})))
+    try:
+        return _REGISTRY[name](**{str(k): v for k, v in params.items()})
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(
+            f"estimator spec {name!r} has parameters its factory refuses ({_gist(e)})"
+        ) from e
+
+
+def _gist(e: BaseException) -> str:
+    from jaxmon.errors import one_line
+
+    return one_line(e)
 
 
 def registered() -> list[str]:
@@ -237,7 +266,7 @@ def _find_counts(state: State) -> list[tuple[str, Counts]]:
 def _count(state: State, field: str) -> int | dict[str, int]:
     found = _find_counts(state)
     if not found:
-        raise TypeError(f"{type(state).__name__} holds no jaxmon row counter")
+        raise ConfigError(f"{type(state).__name__} holds no jaxmon row counter")
     if len(found) == 1:
         return _words_to_int(getattr(found[0][1], field))
     return {path: _words_to_int(getattr(c, field)) for path, c in found}
@@ -316,8 +345,7 @@ def valid_rows(rows: Array, mask: Array | None) -> tuple[Array, Array]:
     """``(ok, bad)``: rows to fold (mask and finite) and rows excluded for NaN/inf."""
     # x * 0 is 0 for finite x and NaN for ±inf/NaN, so one row sum finds any non-finite entry;
     # it runs ~3x faster than all(isfinite(x)) over bf16 rows on CPU and cannot overflow.
-    zero = jnp.zeros((), rows.dtype)
-    finite = jnp.isfinite(jnp.sum(rows * zero, axis=-1, dtype=jnp.float32))
+    finite = ~nonfinite_rows(rows)
     m = jnp.ones(rows.shape[:1], bool) if mask is None else mask
     return m & finite, m & ~finite
 
@@ -328,3 +356,103 @@ def masked_scores(scores: Array, mask: Array | None, lead: tuple[int, ...]) -> A
     if mask is None:
         return s
     return jnp.where(jnp.asarray(mask).reshape(lead), s, jnp.zeros((), s.dtype))
+
+
+def nonfinite_rows(rows: Array) -> Array:
+    """``[n]`` bool: rows holding any NaN or inf (one row sum of ``x * 0``, overflow-free)."""
+    zero = jnp.zeros((), rows.dtype)
+    return ~jnp.isfinite(jnp.sum(rows * zero, axis=-1, dtype=jnp.float32))
+
+
+def fitted_rows(counts: Counts) -> Array:
+    """``()`` bool: the fit saw at least one row (either count word non-zero)."""
+    return jnp.any(counts.rows != 0)
+
+
+def finish_scores(
+    scores: Array,
+    rows: Array | tuple[Array, ...],
+    mask: Array | None,
+    lead: tuple[int, ...],
+    counts: Counts | None = None,
+) -> Array:
+    """The house rules for row scores, applied in one place by every ``score``.
+
+    * a row holding any NaN/inf scores ``+inf`` (maximally anomalous, never "normal"); for a
+      pair estimator ``rows`` is a tuple and a row is non-finite if either side is;
+    * when ``counts`` (the fitted value's row counter) says the fit saw no rows, every row
+      scores NaN: an empty fit gives no number rather than a confident one (outside ``jit``,
+      ``finalize`` already refused it with :class:`NotFittedError`);
+    * masked rows score 0.
+
+    Returns:
+      Scores of shape ``lead``.
+    """
+    parts = rows if isinstance(rows, tuple) else (rows,)
+    bad = nonfinite_rows(parts[0])
+    for r in parts[1:]:
+        bad = bad | nonfinite_rows(r)
+    out = jnp.where(bad, jnp.asarray(jnp.inf, scores.dtype), scores)
+    if counts is not None:
+        out = jnp.where(fitted_rows(counts), out, jnp.asarray(jnp.nan, scores.dtype))
+    return masked_scores(out, mask, lead)
+
+
+# --------------------------------------------------------------------------- empty fits
+
+
+def is_traced(tree: Any) -> bool:
+    """True when any leaf of ``tree`` is a tracer (inside ``jit``/``vmap``/``eval_shape``)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def require_rows(state: State, name: str) -> None:
+    """Refuses, at the Python boundary, to finalize a state that holds no rows.
+
+    Every row counter in ``state`` must be non-zero: for a composite state (a monitor, a
+    calibrated estimator) the message names the part that is empty. Inside ``jit`` (traced
+    state) this does nothing; the fitted value then scores NaN (see :func:`finish_scores`).
+
+    Raises:
+      NotFittedError: naming the estimator, the empty part and the rows excluded as non-finite.
+    """
+    if is_traced(state):
+        return
+    found = _find_counts(state)
+    if not found:
+        return
+    words = jax.device_get([(c.rows, c.nonfinite) for _, c in found])
+    for (path, _), (rows, bad) in zip(found, words, strict=True):
+        if _words_to_int(rows) == 0:
+            nbad = _words_to_int(bad)
+            where = f" (part {path})" if len(found) > 1 else ""
+            why = (
+                f"all {nbad:,} rows it was given held NaN or inf and were excluded"
+                if nbad
+                else "it was never updated with a row (or every row was masked)"
+            )
+            raise NotFittedError(
+                f"{name}.finalize: the state{where} holds no rows: {why}; fit on trusted rows "
+                "before finalize"
+            )
+
+
+def require_fitted(fitted: Fitted, name: str) -> None:
+    """Refuses, at the Python boundary, a fitted value that was fitted on no rows.
+
+    Raises:
+      NotFittedError: ``fitted`` (or a part of it) records zero rows.
+    """
+    if is_traced(fitted):
+        return
+    found = _find_counts(fitted)
+    if not found:
+        return
+    words = jax.device_get([c.rows for _, c in found])
+    for (path, _), rows in zip(found, words, strict=True):
+        if _words_to_int(rows) == 0:
+            where = f" (part {path})" if len(found) > 1 else ""
+            raise NotFittedError(
+                f"{name}: the fitted value{where} was fitted on no rows (finalize under jit of an "
+                "empty state); its scores would be NaN: fit on trusted rows first"
+            )

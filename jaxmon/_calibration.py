@@ -8,7 +8,13 @@ leaf). Then
 
 * ``score`` returns ``-log10 p`` (higher = more anomalous), with the conformal p-value
   ``p = (1 + #{calibration scores >= s}) / (1 + n)``: under exchangeability with the held-out
-  rows, ``P(p <= a) <= a``, so a calibrated score of 2 means "rarer than 1 in 100 trusted rows";
+  rows, ``P(p <= a) <= a``, so a calibrated score of 2 means "rarer than 1 in 100 trusted rows".
+  Beyond the largest held-out score the p-value continues along a generalized Pareto tail
+  fitted to the top held-out scores (:func:`jaxmon.upper_tail`), so it keeps decreasing
+  strictly with the raw score instead of tying at ``1 / (n + 1)``: the strongest anomalies stay
+  ordered. There (below ``1 / (n + 1)``) the p-value is a model extrapolation, not a conformal
+  guarantee. ``score`` is computed in log space and never saturates; rows holding NaN/inf get
+  ``p = 0`` and score ``+inf``;
 * :func:`p_values` returns those p-values and :func:`threshold` the raw-score threshold for a
   target false-positive rate;
 * :func:`combine` merges the p-values of many taps into one p-value (Fisher, or min-p with
@@ -47,13 +53,22 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxmon._base import Estimator, EstimatorSpec, ShapeError, from_spec, register
+from jaxmon._base import (
+    Estimator,
+    EstimatorSpec,
+    ShapeError,
+    _words_to_int,
+    from_spec,
+    is_traced,
+    register,
+)
+from jaxmon.errors import ConfigError, NotFittedError
 from jaxmon.estimators.quantiles import (
     QuantilesFitted,
     QuantilesState,
+    log_upper_tail,
     quantile,
     quantiles,
-    upper_tail,
 )
 
 __all__ = [
@@ -124,15 +139,16 @@ def _leaf_masks(scores: Any, mask: Any, *, what: str) -> list[Any]:
     return [jnp.asarray(mk).astype(bool) for mk in masks]
 
 
-def _p_values_of(inner: Estimator, fitted: CalibratedFitted, x, mask) -> Any:
+def _log_p_values_of(inner: Estimator, fitted: CalibratedFitted, x, mask) -> Any:
+    """Natural-log p-values of ``x``'s inner scores (0 on masked rows)."""
     s = inner.score(fitted.inner, x, mask=mask)
     leaves, treedef = jax.tree.flatten(s)
     sketches = jax.tree.leaves(fitted.scores, is_leaf=_is_sketch)
     masks = _leaf_masks(s, mask, what="p_values")
     out = []
     for sk, sc, mk in zip(sketches, leaves, masks, strict=True):
-        pv = upper_tail(sk, sc)
-        out.append(pv if mk is None else jnp.where(mk, pv, jnp.ones((), pv.dtype)))
+        lp = log_upper_tail(sk, sc)
+        out.append(lp if mk is None else jnp.where(mk, lp, jnp.zeros((), lp.dtype)))
     return jax.tree.unflatten(treedef, out)
 
 
@@ -169,7 +185,7 @@ def calibrated(
     elif isinstance(estimator, Mapping | str | EstimatorSpec):
         inner = from_spec(estimator)
     else:
-        raise TypeError(
+        raise ConfigError(
             f"calibrated: expected a jaxmon Estimator (e.g. jaxmon.gaussian()), got "
             f"{type(estimator).__name__}; did you pass the factory instead of calling it?"
         )
@@ -234,21 +250,38 @@ def calibrated(
         )
 
     def finalize(state: CalibratedState) -> CalibratedFitted:
-        if not isinstance(state.phase, jax.core.Tracer) and int(state.phase) == 0:
-            raise ValueError(
-                "calibrated.finalize: the state is still in the fitting pass; call "
-                "state = jaxmon.begin_calibration(cal, state), then update with held-out "
-                "trusted rows, then finalize"
-            )
+        if not is_traced(state):
+            if int(state.phase) == 0:
+                raise NotFittedError(
+                    "calibrated.finalize: the state is still in the fitting pass; call "
+                    "state = jaxmon.begin_calibration(cal, state), then update with held-out "
+                    "trusted rows, then finalize"
+                )
+            _require_calibration_rows(state)
         return _finalize(state)
 
     @jax.jit
     def score(fitted: CalibratedFitted, x, *, mask=None):
-        p = _p_values_of(inner, fitted, x, mask)
-        # p = 1 on masked rows, so their calibrated score is exactly 0.
-        return jax.tree.map(lambda pv: -jnp.log10(pv), p)
+        lp = _log_p_values_of(inner, fitted, x, mask)
+        # log p = 0 on masked rows, so their calibrated score is exactly 0; -log10 from log p
+        # never saturates, so scores past the calibration set stay ordered.
+        return jax.tree.map(lambda v: -v / jnp.log(jnp.float32(10.0)), lp)
 
     return Estimator(init, update, merge, finalize, score, spec)
+
+
+def _require_calibration_rows(state: CalibratedState) -> None:
+    """Refuses a calibration pass that folded no held-out rows into some score sketch."""
+    paths = jax.tree_util.tree_leaves_with_path(state.scores, is_leaf=_is_sketch)
+    words = jax.device_get([(sk.counts.rows, sk.counts.nonfinite) for _, sk in paths])
+    for (path, _), (rows, bad) in zip(paths, words, strict=True):
+        if _words_to_int(rows) == 0:
+            key = jax.tree_util.keystr(path) or "the scores"
+            why = f"all {_words_to_int(bad):,} scored NaN/inf" if _words_to_int(bad) else "none"
+            raise NotFittedError(
+                f"calibrated.finalize: the calibration pass saw no rows for {key} ({why}): "
+                "after begin_calibration, update with held-out trusted rows, then finalize"
+            )
 
 
 def _inner_for(spec_json: str) -> Estimator:
@@ -274,7 +307,7 @@ def begin_calibration(cal: Estimator, state: CalibratedState) -> CalibratedState
       score sketches; same structure, shapes and dtypes as ``state``.
     """
     if cal.spec.name != "calibrated":
-        raise TypeError(
+        raise ConfigError(
             f"begin_calibration: expected an estimator made by jaxmon.calibrated(...), got "
             f"{cal.spec.name!r}"
         )
@@ -291,26 +324,45 @@ def begin_calibration(cal: Estimator, state: CalibratedState) -> CalibratedState
     return CalibratedState(state.inner, fitted, empty, jnp.ones((), jnp.int32))
 
 
-def p_values(fitted: CalibratedFitted, x, *, mask=None):
-    """Conformal upper-tail p-values of ``x``'s inner scores, with the inner scores' structure.
+def p_values(fitted: CalibratedFitted, x, *, mask=None, log: bool = False):
+    """Upper-tail p-values of ``x``'s inner scores, with the inner scores' structure.
+
+    Conformal up to the largest held-out score, ``(1 + #{held-out scores >= s}) / (1 + n)``;
+    beyond it, the fitted generalized Pareto tail (module docstring), strictly decreasing.
 
     Args:
       fitted: a :class:`CalibratedFitted`.
       x: rows (or a dict of taps) as the inner estimator's ``score`` takes them.
       mask: as for ``score``; masked rows get p = 1.
+      log: return ``log p`` (natural log), which never underflows: float32 p-values round to
+        0 below ~1e-45, far enough out; their logs stay ordered.
 
     Returns:
-      p-values in ``(0, 1]``: ``(1 + #{held-out scores >= s}) / (1 + n)``.
+      p-values in ``[0, 1]`` (0 only for rows holding NaN/inf, or past float32's range), or
+      their logs.
+
+    Raises:
+      NotFittedError: ``fitted`` was fitted (or calibrated) on no rows.
     """
     if not isinstance(fitted, CalibratedFitted):
-        raise TypeError(
+        raise ConfigError(
             f"p_values: expected the fitted value of jaxmon.calibrated(...), got "
             f"{type(fitted).__name__}"
         )
+    if not is_traced(fitted):
+        totals = jax.device_get(
+            [sk.total for sk in jax.tree.leaves(fitted.scores, is_leaf=_is_sketch)]
+        )
+        if any(float(t) == 0 for t in totals):
+            raise NotFittedError(
+                "p_values: the calibrated fitted value holds an empty score sketch (its "
+                "calibration pass saw no rows); calibrate on held-out trusted rows first"
+            )
     if fitted.spec not in _P_VALUES:
         inner = _inner_for(fitted.spec)
-        _P_VALUES[fitted.spec] = jax.jit(lambda f, x, m: _p_values_of(inner, f, x, m))
-    return _P_VALUES[fitted.spec](fitted, x, mask)
+        _P_VALUES[fitted.spec] = jax.jit(lambda f, x, m: _log_p_values_of(inner, f, x, m))
+    lp = _P_VALUES[fitted.spec](fitted, x, mask)
+    return lp if log else jax.tree.map(jnp.exp, lp)
 
 
 def threshold(fitted: CalibratedFitted | QuantilesFitted, *, fpr: float = 0.01):
@@ -328,7 +380,7 @@ def threshold(fitted: CalibratedFitted | QuantilesFitted, *, fpr: float = 0.01):
       The ``1 - fpr`` quantile of the held-out scores, with the inner scores' structure.
     """
     if not 0.0 < float(fpr) < 1.0:
-        raise ValueError(f"threshold: fpr must lie in (0, 1), got {fpr!r}")
+        raise ConfigError(f"threshold: fpr must lie in (0, 1), got {fpr!r}")
     sketches = fitted.scores if isinstance(fitted, CalibratedFitted) else fitted
     return jax.tree.map(lambda qf: quantile(qf, 1.0 - float(fpr)), sketches, is_leaf=_is_sketch)
 
@@ -365,16 +417,16 @@ def combine(
       ShapeError: the taps' p-values differ in shape.
     """
     if method not in _METHODS:
-        raise ValueError(f"combine: method must be one of {_METHODS}, got {method!r}")
+        raise ConfigError(f"combine: method must be one of {_METHODS}, got {method!r}")
     if hasattr(p_values, "shape"):
         p = jnp.asarray(p_values, jnp.float32)
         axis = 0 if axis is None else axis
     else:
         if axis is not None:
-            raise ValueError("combine: axis applies to a single array of p-values only")
+            raise ConfigError("combine: axis applies to a single array of p-values only")
         leaves = jax.tree.leaves(p_values)
         if not leaves:
-            raise ValueError("combine: no p-values given")
+            raise ConfigError("combine: no p-values given")
         shapes = {tuple(jnp.shape(v)) for v in leaves}
         if len(shapes) != 1:
             raise ShapeError(f"combine: every tap's p-values must share one shape, got {shapes}")

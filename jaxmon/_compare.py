@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from jaxmon._base import ShapeError
+from jaxmon.errors import ConfigError
 from jaxmon.estimators.frequent_directions import FDFitted
 from jaxmon.estimators.gaussian import GaussianFitted
 from jaxmon.estimators.quantiles import QuantilesFitted
@@ -192,7 +193,7 @@ def _compare_quantiles(a: QuantilesFitted, b: QuantilesFitted) -> Comparison:
     _check_same_shape(ca, cb, "bucket (different relative_accuracy?)")
     na, nb = float(np.sum(ca)), float(np.sum(cb))
     if na == 0 or nb == 0:
-        raise ValueError("compare: a quantile sketch is empty; nothing to compare")
+        raise ConfigError("compare: a quantile sketch is empty; nothing to compare")
     # Both sketches share one bucket grid: their CDFs are exact at every bucket edge. The KS
     # distance over edges is the KS statistic of the data rounded to the grid (a lower bound of
     # the exact one); within a bucket either CDF may move by the bucket's mass, which bounds the
@@ -257,10 +258,10 @@ def compare(
     """
     if isinstance(fitted_a, Mapping) and not _is_single(fitted_a):
         if not isinstance(fitted_b, Mapping):
-            raise TypeError("compare: fitted_a is a dict of taps but fitted_b is not")
+            raise ConfigError("compare: fitted_a is a dict of taps but fitted_b is not")
         only = sorted(set(fitted_a) ^ set(fitted_b))
         if only:
-            raise ValueError(
+            raise ConfigError(
                 f"compare: the two monitors fit different taps; keys in only one of them: {only}"
             )
         out = {}
@@ -269,7 +270,7 @@ def compare(
             if fn is None:
                 if skip_unsupported:
                     continue
-                raise TypeError(
+                raise ConfigError(
                     f"compare: no comparison for tap {key!r} of fitted type "
                     f"{type(fitted_a[key]).__name__}; pass skip_unsupported=True to leave it out"
                 )
@@ -277,7 +278,7 @@ def compare(
         return out
     fn = _handler(fitted_a, fitted_b)
     if fn is None:
-        raise TypeError(
+        raise ConfigError(
             f"compare: cannot compare {type(fitted_a).__name__} with {type(fitted_b).__name__}; "
             f"supported: {[t.__name__ for t, _ in _HANDLERS]} (both of the same type)"
         )
@@ -343,7 +344,7 @@ def permutation_test(
       ``(statistic on the observed split, p-value)``.
     """
     if statistic not in ("frechet", "kl", "mean_shift"):
-        raise ValueError(
+        raise ConfigError(
             f"permutation_test: statistic must be 'frechet', 'kl' or 'mean_shift', got "
             f"{statistic!r}"
         )

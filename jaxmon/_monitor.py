@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmon._base import Estimator, EstimatorSpec, ShapeError, from_spec, register
+from jaxmon.errors import ConfigError, MissingTapError, NotFittedError
 
 __all__ = ["monitor", "every_k", "EveryKState"]
 
@@ -62,7 +63,7 @@ def _as_estimator(est: Estimator | Mapping[str, Any] | str, *, where: str) -> Es
         return est
     if isinstance(est, Mapping | str | EstimatorSpec):
         return from_spec(est)
-    raise TypeError(
+    raise ConfigError(
         f"{where}: expected a jaxmon Estimator (e.g. jaxmon.gaussian()), got "
         f"{type(est).__name__}; did you pass the factory instead of calling it?"
     )
@@ -89,7 +90,7 @@ def every_k(estimator: Estimator | Mapping[str, Any], k: int) -> Estimator:
     """
     inner = _as_estimator(estimator, where="every_k")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"every_k: k must be an integer >= 1, got {k!r}")
+        raise ConfigError(f"every_k: k must be an integer >= 1, got {k!r}")
     spec = EstimatorSpec(
         "every_k", {"estimator": inner.spec.to_dict(), "k": k}, mergeable=inner.spec.mergeable
     )
@@ -162,29 +163,29 @@ def _parse_config(config: Any) -> list[_Rule]:
                 (pat, entry["estimators"] if "estimators" in entry else entry["estimator"])
             )
     else:
-        raise TypeError(
+        raise ConfigError(
             "monitor: config must map tap patterns to estimators, e.g. "
             f"{{'blocks/*/mlp_out': jaxmon.gaussian()}}, got {type(config).__name__}"
         )
     if not items:
-        raise ValueError("monitor: config is empty; map at least one tap pattern to an estimator")
+        raise ConfigError("monitor: config is empty; map at least one tap pattern to an estimator")
     rules = []
     for pat, val in items:
         if isinstance(pat, list | tuple):
             if len(pat) != 2 or not all(isinstance(p, str) for p in pat):
-                raise ValueError(
+                raise ConfigError(
                     f"monitor: a pair pattern must be two tap names/globs, got {pat!r}"
                 )
             pat = (pat[0], pat[1])
         elif not isinstance(pat, str):
-            raise TypeError(f"monitor: a pattern must be a str or a pair of str, got {pat!r}")
+            raise ConfigError(f"monitor: a pattern must be a str or a pair of str, got {pat!r}")
         if isinstance(val, Mapping) and "name" not in val:
             if not val:
-                raise ValueError(f"monitor: pattern {pat!r} maps to an empty dict of detectors")
+                raise ConfigError(f"monitor: pattern {pat!r} maps to an empty dict of detectors")
             dets = []
             for name, est in val.items():
                 if not isinstance(name, str) or not name or ":" in name:
-                    raise ValueError(
+                    raise ConfigError(
                         f"monitor: detector names must be non-empty strings without ':', "
                         f"got {name!r} for pattern {pat!r}"
                     )
@@ -239,8 +240,8 @@ def monitor(
         returns ``{key: scores[...]}``, higher = more anomalous, masked tokens 0.
 
     Raises:
-      ValueError: a pattern matches no tap at ``init``, or two patterns produce the same key.
-      KeyError: ``update``/``score`` lack taps the state was built for (all are named).
+      ConfigError: a pattern matches no tap at ``init``, or two patterns produce the same key.
+      MissingTapError: ``update``/``score`` lack taps the state was built for (all are named).
       ShapeError: a tap's shape does not fit its estimator (the tap is named).
 
     Example:
@@ -253,7 +254,7 @@ def monitor(
     stacked = dict(stacked or {})
     for src, tmpl in stacked.items():
         if not isinstance(src, str) or not isinstance(tmpl, str) or _LAYER not in tmpl:
-            raise ValueError(
+            raise ConfigError(
                 "monitor: stacked maps a stacked tap name to a per-layer template containing "
                 f"'{{i}}', e.g. {{'blocks/resid': 'blocks/{{i}}/resid'}}; got {src!r}: {tmpl!r}"
             )
@@ -270,7 +271,7 @@ def monitor(
         out: dict[str, tuple[str, int | None]] = {}
         for name, x in taps.items():
             if not isinstance(name, str):
-                raise TypeError(f"monitor: tap names must be strings, got {name!r}")
+                raise ConfigError(f"monitor: tap names must be strings, got {name!r}")
             if name in stacked:
                 shape = getattr(x, "shape", ())
                 if len(shape) < 2:
@@ -281,11 +282,11 @@ def monitor(
                 for i in range(shape[0]):
                     virt = stacked[name].replace(_LAYER, str(i))
                     if virt in out:
-                        raise ValueError(f"monitor: tap name {virt!r} is produced twice")
+                        raise ConfigError(f"monitor: tap name {virt!r} is produced twice")
                     out[virt] = (name, i)
             else:
                 if name in out:
-                    raise ValueError(f"monitor: tap name {name!r} is produced twice")
+                    raise ConfigError(f"monitor: tap name {name!r} is produced twice")
                 out[name] = (name, None)
         return out
 
@@ -304,7 +305,7 @@ def monitor(
                 if len(ma) != len(mb):
                     if not strict:
                         continue
-                    raise ValueError(
+                    raise ConfigError(
                         f"monitor: pair pattern {rule.pattern!r} matched {len(ma)} taps {ma} and "
                         f"{len(mb)} taps {mb}; the two globs must match equally many taps, "
                         "which are zipped in natural order"
@@ -319,7 +320,7 @@ def monitor(
                 for det, est in rule.detectors:
                     key = base if det is None else f"{base}:{det}"
                     if key in entries:
-                        raise ValueError(
+                        raise ConfigError(
                             f"monitor: tap {base!r} is matched by patterns "
                             f"{rules[entries[key].rule].pattern!r} and {rule.pattern!r} with the "
                             "same key; give the detectors names ({'name': estimator}) or make "
@@ -327,7 +328,7 @@ def monitor(
                         )
                     entries[key] = _Entry(key, est, taps, ri, det)
         if strict and unmatched:
-            raise ValueError(
+            raise ConfigError(
                 f"monitor: pattern(s) {unmatched} match no tap; taps available: {list(names)}"
             )
         known.update(entries)
@@ -353,7 +354,7 @@ def monitor(
                         return _Entry(key, est, (a, b), ri, det)
                 elif fnmatch.fnmatchcase(base, rule.pattern):
                     return _Entry(key, est, (base,), ri, det)
-        raise KeyError(f"monitor: state key {key!r} matches no pattern of this monitor")
+        raise ConfigError(f"monitor: state key {key!r} matches no pattern of this monitor")
 
     def resolve(state_keys, taps: Mapping[str, Any], what: str):
         """Entries for ``state_keys`` given ``taps``; raises naming missing taps."""
@@ -364,7 +365,7 @@ def monitor(
             need = sorted(
                 {t for k in missing_keys for t in lookup(k).taps if t not in virt}, key=_natural_key
             )
-            raise KeyError(
+            raise MissingTapError(
                 f"monitor.{what}: missing tap(s) {need} needed by state key(s) {missing_keys}; "
                 f"taps given: {sorted(taps, key=_natural_key)}"
                 + (f" (stacked: {stacked})" if stacked else "")
@@ -412,7 +413,7 @@ def monitor(
 
     def init(example: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(example, Mapping):
-            raise TypeError(
+            raise ConfigError(
                 "monitor.init expects a dict {tap_name: ShapeDtypeStruct | array}, got "
                 f"{type(example).__name__}"
             )
@@ -466,14 +467,31 @@ def monitor(
 
     def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         if set(a) != set(b):
-            raise ValueError(
+            raise ConfigError(
                 "monitor.merge: the states cover different keys: only in the first "
                 f"{sorted(set(a) - set(b))}, only in the second {sorted(set(b) - set(a))}"
             )
         return {k: lookup(k).est.merge(a[k], b[k]) for k in a}
 
     def finalize(state: dict[str, Any]) -> dict[str, Any]:
-        return {k: lookup(k).est.finalize(v) for k, v in state.items()}
+        # Key by key at the Python boundary (each inner finalize is jitted): an empty key is
+        # refused by name instead of finalizing into NaN scores.
+        out = {}
+        for k, v in state.items():
+            try:
+                out[k] = lookup(k).est.finalize(v)
+            except NotFittedError as err:
+                raise NotFittedError(f"monitor key {k!r}: {err}") from None
+        return out
+
+    def checked(what: str, taps: Any) -> None:
+        if not isinstance(taps, Mapping):
+            shape = getattr(taps, "shape", None)
+            got = f"an array of shape {list(shape)}" if shape is not None else type(taps).__name__
+            raise ShapeError(
+                f"monitor.{what} expects a dict {{tap_name: array [..., d]}} of activations, got "
+                f"{got}; wrap a single tap as {{'name': x}}, or use the estimator without a monitor"
+            )
 
     def score(fitted: dict[str, Any], taps: Mapping[str, Any], *, mask=None) -> dict[str, Any]:
         virt, entries = resolve(list(fitted), taps, "score")
@@ -501,4 +519,14 @@ def monitor(
                 raise tap_error(e, err, taps, virt) from None
         return out
 
-    return Estimator(init, jax.jit(update), jax.jit(merge), jax.jit(finalize), jax.jit(score), spec)
+    jit_update, jit_score = jax.jit(update), jax.jit(score)
+
+    def update_checked(state, taps, *, mask=None, weights=None):
+        checked("update", taps)
+        return jit_update(state, taps, mask=mask, weights=weights)
+
+    def score_checked(fitted, taps, *, mask=None):
+        checked("score", taps)
+        return jit_score(fitted, taps, mask=mask)
+
+    return Estimator(init, update_checked, jax.jit(merge), finalize, score_checked, spec)

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from jaxmon.errors import ConfigError
+
 __all__ = ["tap", "capture", "attribution_taps"]
 
 # --------------------------------------------------------------------------- the primitive
@@ -73,7 +75,7 @@ def tap(x: jax.Array, name: str) -> jax.Array:
       elimination inside differentiated scans.
     """
     if not isinstance(name, str) or not name:
-        raise TypeError(f"jaxmon.tap: name must be a non-empty str, got {name!r}")
+        raise ConfigError(f"jaxmon.tap: name must be a non-empty str, got {name!r}")
     return tap_p.bind(jnp.asarray(x), name=name)
 
 
@@ -117,7 +119,7 @@ class _Ctx:
 
     def record(self, name: str, value: Any) -> None:
         if name in self.taps:
-            raise ValueError(
+            raise ConfigError(
                 f"jaxmon.capture: the tap {name!r} is recorded twice in one call; give each "
                 "tap a unique name (a tap inside a scan body is recorded once, stacked)"
             )
@@ -305,7 +307,7 @@ def attribution_taps(
             out, taps = _run(fn, args, kwargs, pert)
             t = target(out)
             if jnp.ndim(t) != 0:
-                raise ValueError(
+                raise ConfigError(
                     "jaxmon.attribution_taps: target(out) must be a scalar, got shape "
                     f"{jnp.shape(t)}; pass target= that reduces the output (e.g. a sum)"
                 )

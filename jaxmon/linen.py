@@ -21,6 +21,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from jaxmon.errors import ConfigError
+
 __all__ = ["capture", "intercept", "flatten_intermediates"]
 
 _COLL = "intermediates"
@@ -73,7 +75,7 @@ def _split(result: Any, mutable: Any) -> tuple[Any, dict[str, Any]]:
 def _finish(out, inter, patterns, what):
     taps = flatten_intermediates(inter)
     if patterns is not None and not taps:
-        raise ValueError(f"jaxmon.linen.{what}: paths {list(patterns)} matched no module output")
+        raise ConfigError(f"jaxmon.linen.{what}: paths {list(patterns)} matched no module output")
     return out, {k: jax.lax.stop_gradient(v) for k, v in taps.items()}
 
 
@@ -134,7 +136,7 @@ def intercept(
       ``f(variables, *args, mutable=(), **kwargs) -> (out, taps)``.
     """
     if record not in ("output", "input", "both"):
-        raise ValueError(
+        raise ConfigError(
             f"jaxmon.linen.intercept: record must be output/input/both, got {record!r}"
         )
     patterns = list(paths)

@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxmon.errors import ConfigError
+
 __all__ = [
     "auroc",
     "average_precision",
@@ -29,15 +31,16 @@ def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scores, np.float64).reshape(-1)
     y = np.asarray(labels).reshape(-1)
     if s.shape != y.shape:
-        raise ValueError(f"metrics: {s.size} scores but {y.size} labels")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("metrics: scores hold NaN or inf; drop or mask those rows first")
+        raise ConfigError(f"metrics: {s.size} scores but {y.size} labels")
+    if np.any(np.isnan(s)):
+        # +inf is an ordinary (the largest) score: jaxmon gives it to rows holding NaN/inf.
+        raise ConfigError("metrics: scores hold NaN; drop or mask those rows first")
     if y.dtype != bool:
         if not np.all((y == 0) | (y == 1)):
-            raise ValueError("metrics: labels must be 0/1 or bool (1 = anomaly)")
+            raise ConfigError("metrics: labels must be 0/1 or bool (1 = anomaly)")
         y = y == 1
     if y.all() or not y.any():
-        raise ValueError("metrics: labels need both classes (anomalies and normals)")
+        raise ConfigError("metrics: labels need both classes (anomalies and normals)")
     return s, y
 
 
@@ -56,7 +59,8 @@ def _counts(s: np.ndarray, y: np.ndarray):
     order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
     # Last index of each run of tied scores: one curve point per distinct threshold.
-    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
+    # (s[1:] != s[:-1], not np.diff: inf - inf is NaN, which would split a run of +inf.)
+    last = np.r_[np.nonzero(s[1:] != s[:-1])[0], s.size - 1]
     tps = np.cumsum(y)[last].astype(np.float64)
     fps = (last + 1 - tps).astype(np.float64)
     return np.r_[0.0, tps], np.r_[0.0, fps], np.r_[np.inf, s[last]]
@@ -87,7 +91,7 @@ def average_precision(scores, labels) -> float:
 def fpr_at_tpr(scores, labels, *, tpr: float = 0.95) -> float:
     """Smallest false-positive rate of a threshold that detects at least ``tpr`` of anomalies."""
     if not 0.0 <= tpr <= 1.0:
-        raise ValueError(f"fpr_at_tpr: tpr must lie in [0, 1], got {tpr}")
+        raise ConfigError(f"fpr_at_tpr: tpr must lie in [0, 1], got {tpr}")
     fpr, tp_rate, _ = roc_curve(scores, labels)
     return float(fpr[np.searchsorted(tp_rate, tpr, side="left")])
 
@@ -95,7 +99,7 @@ def fpr_at_tpr(scores, labels, *, tpr: float = 0.95) -> float:
 def recall_at_fpr(scores, labels, *, fpr: float = 0.01) -> float:
     """Largest true-positive rate (recall) of a threshold with false-positive rate <= ``fpr``."""
     if not 0.0 <= fpr <= 1.0:
-        raise ValueError(f"recall_at_fpr: fpr must lie in [0, 1], got {fpr}")
+        raise ConfigError(f"recall_at_fpr: fpr must lie in [0, 1], got {fpr}")
     fp_rate, tp_rate, _ = roc_curve(scores, labels)
     return float(tp_rate[np.searchsorted(fp_rate, fpr, side="right") - 1])
 
@@ -133,9 +137,9 @@ def bootstrap_ci(
       A :class:`ConfidenceInterval` ``(estimate, low, high)``.
     """
     if not 0.0 < level < 1.0:
-        raise ValueError(f"bootstrap_ci: level must lie in (0, 1), got {level}")
+        raise ConfigError(f"bootstrap_ci: level must lie in (0, 1), got {level}")
     if n_boot < 1:
-        raise ValueError(f"bootstrap_ci: n_boot must be >= 1, got {n_boot}")
+        raise ConfigError(f"bootstrap_ci: n_boot must be >= 1, got {n_boot}")
     s, y = _check(scores, labels)
     pos, neg = np.nonzero(y)[0], np.nonzero(~y)[0]
     rng = np.random.default_rng(seed)

@@ -29,6 +29,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+from jaxmon.errors import ConfigError
+
 __all__ = ["Tap", "capture", "flatten_taps"]
 
 
@@ -90,7 +92,7 @@ def capture(
     """
     patterns = list(paths) if paths is not None else None
     if isinstance(patterns, list) and not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"jaxmon.nnx.capture: paths must be strings (globs), got {paths!r}")
+        raise ConfigError(f"jaxmon.nnx.capture: paths must be strings (globs), got {paths!r}")
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
@@ -107,7 +109,7 @@ def capture(
                 k: v for k, v in outs.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)
             }
             if not chosen:
-                raise ValueError(
+                raise ConfigError(
                     f"jaxmon.nnx.capture: paths {patterns} matched no module output; "
                     f"module outputs available: {sorted(outs)}"
                 )

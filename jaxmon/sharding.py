@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmon._base import Estimator, EstimatorSpec, from_spec, register
+from jaxmon.errors import ConfigError
 
 __all__ = ["shard_local", "merge_replicas", "replica_count", "shard_wide"]
 
@@ -48,7 +49,7 @@ _INNER: dict[str, Estimator] = {}
 def _leaf_spec(x: Any, axis: str, batch_axis: int) -> P:
     ndim = len(getattr(x, "shape", ()))
     if ndim <= batch_axis:
-        raise ValueError(
+        raise ConfigError(
             f"shard_local: an input of shape {list(getattr(x, 'shape', ()))} has no batch axis "
             f"{batch_axis} to shard over {axis!r}"
         )
@@ -103,7 +104,7 @@ def shard_local(
       >>> single = jaxmon.sharding.merge_replicas(sest, state)  # a state of gaussian()
     """
     if axis not in mesh.shape:
-        raise ValueError(f"shard_local: mesh has axes {tuple(mesh.shape)}, not {axis!r}")
+        raise ConfigError(f"shard_local: mesh has axes {tuple(mesh.shape)}, not {axis!r}")
     replicas = int(mesh.shape[axis])
     spec = EstimatorSpec(
         "shard_local",
@@ -176,7 +177,7 @@ def _shard_local_from_spec(
     """Rebuilds a ``shard_local`` estimator on a 1-D mesh of the first ``replicas`` devices."""
     devices = jax.devices()
     if len(devices) < replicas:
-        raise ValueError(
+        raise ConfigError(
             f"shard_local spec needs {replicas} devices along {axis!r}, this process sees "
             f"{len(devices)}; rebuild with jaxmon.sharding.shard_local(jaxmon.from_spec("
             "spec['params']['estimator']), mesh) on a mesh of your choice"
@@ -187,7 +188,7 @@ def _shard_local_from_spec(
 
 def _inner_of(sharded_est: Estimator) -> Estimator:
     if sharded_est.spec.name != "shard_local":
-        raise TypeError(
+        raise ConfigError(
             "merge_replicas expects an estimator built by jaxmon.sharding.shard_local, got "
             f"{sharded_est.spec.name!r}"
         )
@@ -261,7 +262,7 @@ def shard_wide(est: Estimator, mesh: Mesh, axis: str = "model") -> Estimator:
       An :class:`~jaxmon.Estimator` with ``est``'s state, fitted value and scores, laid out wide.
     """
     if axis not in mesh.shape:
-        raise ValueError(f"shard_wide: mesh has axes {tuple(mesh.shape)}, not {axis!r}")
+        raise ConfigError(f"shard_wide: mesh has axes {tuple(mesh.shape)}, not {axis!r}")
     size = int(mesh.shape[axis])
     spec = EstimatorSpec(
         "shard_wide",
@@ -297,7 +298,7 @@ def _shard_wide_from_spec(estimator: Mapping[str, Any], axis: str, size: int) ->
     """Rebuilds a ``shard_wide`` estimator on a 1-D mesh of the first ``size`` devices."""
     devices = jax.devices()
     if len(devices) < size:
-        raise ValueError(
+        raise ConfigError(
             f"shard_wide spec needs {size} devices along {axis!r}, this process sees "
             f"{len(devices)}; rebuild with jaxmon.sharding.shard_wide(..., mesh) yourself"
         )

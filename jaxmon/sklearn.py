@@ -22,6 +22,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 import jaxmon
 from jaxmon._base import Estimator
+from jaxmon.errors import ConfigError, NotFittedError
 
 
 def _resolve(estimator: Estimator | str | None) -> Estimator:
@@ -31,7 +32,7 @@ def _resolve(estimator: Estimator | str | None) -> Estimator:
         return jaxmon.from_spec(estimator)
     if isinstance(estimator, Estimator):
         return estimator
-    raise TypeError(
+    raise ConfigError(
         "Detector(estimator=...) takes a jaxmon estimator (e.g. jaxmon.gaussian()), its spec "
         f"JSON string, or None; got {type(estimator).__name__}"
     )
@@ -48,6 +49,11 @@ class Detector(OutlierMixin, BaseEstimator):
         lower than unseen clean rows, so a threshold from them flags more than ``fpr``).
       batch_size: rows per jitted update / score call; the last batch is padded and masked
         so each call compiles once.
+
+    Non-finite rows: ``fit`` excludes them (counted in ``jaxmon.num_nonfinite(self.state_)``;
+    fitting on rows that are all non-finite raises ``NotFittedError``); ``decision_function``
+    scores them ``+inf`` and ``predict`` flags them (1): a row holding NaN/inf is never an
+    inlier.
 
     Attributes:
       n_features_in_: feature count seen by ``fit``.
@@ -81,7 +87,11 @@ class Detector(OutlierMixin, BaseEstimator):
             yield jnp.asarray(chunk), jnp.asarray(mask), n
 
     def _check(self, X, *, reset: bool) -> np.ndarray:
-        # Non-finite rows are allowed: they score NaN rather than failing the whole call.
+        if not isinstance(self.batch_size, int | np.integer) or int(self.batch_size) < 1:
+            raise ConfigError(
+                f"Detector: batch_size must be a positive int, got {self.batch_size!r}"
+            )
+        # Non-finite rows are allowed: they are excluded from fits and score +inf.
         X = validate_data(
             self, X, reset=reset, dtype=[np.float32, np.float64], ensure_all_finite=False
         )
@@ -138,14 +148,19 @@ class Detector(OutlierMixin, BaseEstimator):
         check_is_fitted(self, "fitted_")
         rate = self.fpr if fpr is None else fpr
         if not 0.0 < rate < 1.0:
-            raise ValueError(f"fpr must lie in (0, 1), got {rate}")
+            raise ConfigError(f"Detector.calibrate: fpr must lie in (0, 1), got {rate}")
         self.threshold_ = _upper_quantile(self.decision_function(X_clean), rate)
         return self
 
     def predict(self, X) -> np.ndarray:
-        """1 for rows scoring above ``threshold_`` (outliers), 0 otherwise (PyOD convention)."""
+        """1 for rows scoring above ``threshold_`` (outliers), 0 otherwise (PyOD convention).
+
+        Rows that score NaN (none should; kept as a guard) are outliers too: "no answer" must
+        never read as "normal".
+        """
         check_is_fitted(self, "threshold_")
-        return (self.decision_function(X) > self.threshold_).astype(int)
+        s = self.decision_function(X)
+        return ((s > self.threshold_) | np.isnan(s)).astype(int)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -154,10 +169,20 @@ class Detector(OutlierMixin, BaseEstimator):
 
 
 def _upper_quantile(scores: np.ndarray, fpr: float) -> float:
-    """The smallest threshold with at most ``fpr`` of ``scores`` strictly above it."""
+    """The smallest threshold with at most ``fpr`` of ``scores`` strictly above it.
+
+    Rows scoring ``+inf`` (non-finite inputs) are left out: they are flagged whatever the
+    threshold, and must not drag it to infinity.
+
+    Raises:
+      NotFittedError: no finite score to set a threshold from.
+    """
     s = np.sort(np.asarray(scores, np.float64))
     s = s[np.isfinite(s)]
     if len(s) == 0:
-        return float("inf")
+        raise NotFittedError(
+            "Detector: no finite score to set a threshold from (every row was NaN/inf); "
+            "fit or calibrate on finite trusted rows"
+        )
     k = int(np.floor(fpr * len(s)))  # rows allowed above the threshold
     return float(s[len(s) - 1 - k]) if k < len(s) else float(s[0]) - 1.0

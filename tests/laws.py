@@ -5,12 +5,19 @@ Laws (DESIGN.md §2): merge identity, commutativity and associativity over hypot
 splits; ``update(concat(a, b)) ≈ merge(update(a), update(b))``; masked rows equal dropped rows;
 NaN/inf rows excluded and counted; bf16 input equals its float32 upcast; jit equals eager;
 one trace per shape; state types unchanged across init/update/merge; spec JSON round trip;
-higher score = more anomalous; mis-shaped input raises a clear ``ShapeError``.
+higher score = more anomalous; mis-shaped input raises a clear ``ShapeError``; query rows
+holding NaN/inf score ``+inf`` and leave the other rows' scores unchanged; finalizing a state
+without rows raises ``NotFittedError``, and a fit finalized under ``jit`` scores NaN.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +54,43 @@ def leaves_close(a: Any, b: Any, *, rtol: float, atol: float) -> None:
             np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
         else:
             np.testing.assert_array_equal(x, y)
+
+
+def assert_trees_equal(a: Any, b: Any) -> None:
+    """Same pytree types and bit-identical leaves."""
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+def json_field(path: Any, field: str, default: Any = None) -> Any:
+    """``field`` of the JSON file at ``path``, or ``default`` while it is missing or torn."""
+    try:
+        with open(path) as f:
+            return json.load(f)[field]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return default
+
+
+def sigkill_when(
+    proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: float = 120, poll: float = 0.01
+) -> None:
+    """SIGKILLs ``proc`` as soon as ``ready()`` holds (asserting it is still running then)."""
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            assert proc.poll() is None, "the process ended before it could be killed"
+            assert time.time() < deadline, "the process never reached the moment to kill it"
+            time.sleep(poll)
+        assert proc.poll() is None, "the process ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
 
 
 def without_nonfinite_count(state: Any) -> Any:
@@ -294,6 +338,41 @@ class LawSuite:
             est.update(s, jnp.zeros((4, d + 1), jnp.float32))
         with pytest.raises(jaxmon.ShapeError, match="float"):
             est.update(s, jnp.zeros((4, d), jnp.int32))
+
+    def test_nonfinite_query_rows_score_inf(self):
+        est = self.est
+        f = est.finalize(est.update(self.empty(est), jnp.asarray(self.data(20))))
+        clean = self.data(21)
+        poisoned = clean.copy()
+        bad = np.zeros(len(clean), bool)
+        bad[[2, 4, 7]] = True
+        poisoned[2, 0], poisoned[4, -1], poisoned[7, :] = np.nan, np.inf, -np.inf
+        got = np.asarray(est.score(f, jnp.asarray(poisoned)))
+        want = np.asarray(est.score(f, jnp.asarray(clean)))
+        assert np.all(np.isposinf(got[bad])), got[bad]
+        np.testing.assert_array_equal(got[~bad], want[~bad])
+        # Masked rows stay 0, non-finite or not.
+        mask = np.ones(len(clean), bool)
+        mask[[2, 3]] = False
+        m = np.asarray(est.score(f, jnp.asarray(poisoned), mask=jnp.asarray(mask)))
+        assert m[2] == 0 and m[3] == 0 and np.isposinf(m[4])
+
+    def test_fit_without_rows_is_refused(self):
+        est = self.est
+        q = jnp.asarray(self.data(22))
+        with pytest.raises(jaxmon.NotFittedError, match="no rows"):
+            est.finalize(self.empty(est))
+        # Every row masked, or every row non-finite, is a fit without rows too.
+        n, d = self.case.n, self.case.d
+        masked = est.update(self.empty(est), q, mask=jnp.zeros((n,), bool))
+        with pytest.raises(jaxmon.NotFittedError, match="no rows"):
+            est.finalize(masked)
+        nan = est.update(self.empty(est), jnp.full((n, d), jnp.nan, jnp.float32))
+        with pytest.raises(jaxmon.NotFittedError, match=r"NaN|no rows"):
+            est.finalize(nan)
+        # Inside jit nothing can raise: the fitted value answers NaN, never confident numbers.
+        f = jax.jit(est.finalize)(self.empty(est))
+        assert np.all(np.isnan(np.asarray(est.score(f, q))))
 
     def test_weights_when_supported(self):
         if not self.case.weights:

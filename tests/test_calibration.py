@@ -157,7 +157,8 @@ def test_empirical_fpr_at_threshold_matches_target(gaussian_calibration, fpr):
 def test_p_values_are_uniform_on_trusted_data(gaussian_calibration):
     cal, _, f, fresh = gaussian_calibration
     p = np.asarray(jaxmon.p_values(f, fresh))
-    np.testing.assert_allclose(-np.log10(p), np.asarray(cal.score(f, fresh)), rtol=1e-5)
+    # p is exp(log p) in float32: near p = 1 the two differ by float32 rounding (~1e-8).
+    np.testing.assert_allclose(-np.log10(p), np.asarray(cal.score(f, fresh)), rtol=1e-5, atol=1e-6)
     # Conditionally on the calibration sample the p-values are uniform only up to its own
     # empirical-CDF noise (KS ~ 1/sqrt(n_cal)), hence the loose threshold.
     assert scipy.stats.kstest(p[:5000], "uniform").pvalue > 1e-3

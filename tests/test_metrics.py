@@ -77,3 +77,19 @@ def test_input_errors():
         metrics.auroc([1.0, 2.0], [2, 0])
     with pytest.raises(ValueError, match="labels"):
         metrics.auroc([1.0, 2.0, 3.0], [1, 0])
+
+
+def test_inf_scores_rank_highest_and_nan_is_refused():
+    # Rows holding NaN/inf score +inf in jaxmon: the metrics treat +inf as the largest score.
+    rng = np.random.default_rng(5)
+    s = rng.normal(size=200)
+    y = rng.random(200) < 0.3
+    s[:10] = np.inf
+    finite = np.where(np.isinf(s), 1e300, s)  # same order, for scikit-learn
+    assert metrics.auroc(s, y) == pytest.approx(skm.roc_auc_score(y, finite), abs=1e-12)
+    assert metrics.average_precision(s, y) == pytest.approx(
+        skm.average_precision_score(y, finite), abs=1e-12
+    )
+    s[11] = np.nan
+    with pytest.raises(jaxmon.ConfigError, match="NaN"):
+        metrics.auroc(s, y)

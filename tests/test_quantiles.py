@@ -64,7 +64,7 @@ QS = np.concatenate([np.linspace(0, 1, 401), [1e-4, 1e-3, 0.999, 0.9999]])
 def test_quantile_and_rank_bounds_on_adversarial_streams(relative_accuracy):
     rng = np.random.default_rng(0)
     est = jaxmon.quantiles(relative_accuracy=relative_accuracy)
-    f0 = est.finalize(est.init(SCALAR))
+    f0 = jax.eval_shape(est.finalize, est.init(SCALAR))
     m = round(np.log2(f0.bucket_counts.shape[0])) - 9
     alpha = quantiles_accuracy(m)
     assert alpha <= relative_accuracy
@@ -142,18 +142,81 @@ def test_upper_tail_is_the_conformal_p_value():
     lo = (1 + (x[:, None] > v[None] * (1 + r)).sum(0)) / (1 + len(x))
     hi = (1 + (x[:, None] >= v[None] * (1 - r)).sum(0)) / (1 + len(x))
     assert np.all(p >= lo - 1e-6) and np.all(p <= hi + 1e-6)
-    assert float(jaxmon.upper_tail(f, x.max() * 2)) == pytest.approx(1 / (1 + len(x)))
+    # At the largest value the p-value is the conformal floor; beyond it, the tail continues.
+    assert float(jaxmon.upper_tail(f, x.max())) == pytest.approx(1 / (1 + len(x)), rel=1e-5)
+    assert float(jaxmon.upper_tail(f, x.max() * 2)) < 1 / (1 + len(x))
     # The score is the surprisal of that p-value: monotone in the value.
     sc = np.asarray(est.score(f, jnp.asarray(np.sort(x))))
     assert np.all(np.diff(sc) >= -1e-5)
 
 
+def _pwm_gpd(top: np.ndarray) -> tuple[float, float, float]:
+    """Hosking & Wallis' PWM fit, float64, on the K values ``top`` (threshold: their minimum)."""
+    u = top.min()
+    y = np.sort(top - u)
+    k = len(y)
+    j = np.arange(1, k + 1)
+    a0, a1 = y.mean(), np.mean((1 - (j - 0.35) / k) * y)
+    return 2 - a0 / (a0 - 2 * a1), 2 * a0 * a1 / (a0 - 2 * a1), u
+
+
+@pytest.mark.parametrize("xi", [0.15, 0.3, 0.5])
+def test_tail_fit_matches_pwm_and_scipy_gpd(xi):
+    from scipy import stats
+
+    # Exceedances of a GPD over 5.0: the fitted shape must track the true one.
+    x = (stats.genpareto.rvs(xi, size=40000, random_state=7) + 5.0).astype(np.float32)
+    est = jaxmon.quantiles(relative_accuracy=0.001)
+    f = est.finalize(est.update(est.init(SCALAR), jnp.asarray(x)))
+    k = len(x) // 20
+    top = np.sort(x.astype(np.float64))[-k:]
+    want_xi, want_sigma_u, u = _pwm_gpd(top)
+    # Float64 PWM on the exact values, against the histogram's bucketed version (0.1% buckets).
+    assert float(f.tail_shape) == pytest.approx(want_xi, abs=0.03)
+    want_sigma_m = want_sigma_u + want_xi * (x.max() - u)
+    assert float(f.tail_scale) == pytest.approx(want_sigma_m, rel=0.05)
+    # And the statistic itself: scipy's maximum-likelihood GPD fit of the same exceedances.
+    mle_xi, _, _ = stats.genpareto.fit(top - u, floc=0.0)
+    assert float(f.tail_shape) == pytest.approx(mle_xi, abs=0.08)
+    assert abs(float(f.tail_shape) - xi) < 0.1
+    # Beyond the maximum: p = 1/(n+1) times the GPD survival function of the excess.
+    v = np.asarray([x.max() + 1.0, x.max() + 10.0, x.max() * 4.0], np.float32)
+    got = np.asarray(jaxmon.log_upper_tail(f, jnp.asarray(v)), np.float64)
+    sf = stats.genpareto.logsf(
+        v.astype(np.float64) - x.max(), float(f.tail_shape), scale=float(f.tail_scale)
+    )
+    np.testing.assert_allclose(got, sf - np.log1p(len(x)), rtol=1e-4)
+
+
+def test_p_values_beyond_the_data_stay_ordered():
+    # Chi-square-like scores (light tail: the shape floor applies); values 25, 50 and 100
+    # "sigmas" out must get distinct, decreasing p-values, representable in float32.
+    rng = np.random.default_rng(11)
+    x = rng.chisquare(8, 20000).astype(np.float32)
+    est = jaxmon.quantiles()
+    f = est.finalize(est.update(est.init(SCALAR), jnp.asarray(x)))
+    assert float(f.tail_shape) == pytest.approx(0.1)
+    v = jnp.asarray([x.max() * 0.5, x.max(), 25.0**2, 50.0**2, 100.0**2, 1e30], jnp.float32)
+    p = np.asarray(jaxmon.upper_tail(f, v))
+    assert np.all(np.diff(p) < 0), p
+    assert p[-2] > 0.0
+    lp = np.asarray(jaxmon.log_upper_tail(f, jnp.concatenate([v, jnp.asarray([3e38])])))
+    assert np.all(np.diff(lp) < 0), lp
+    # NaN and inf are as far out as it gets.
+    assert float(jaxmon.upper_tail(f, jnp.nan)) == 0.0
+    assert float(jaxmon.upper_tail(f, jnp.inf)) == 0.0
+
+
 def test_empty_sketch_and_invalid_settings():
     est = jaxmon.quantiles()
-    f = est.finalize(est.init(SCALAR))
+    with pytest.raises(jaxmon.NotFittedError, match="holds no rows"):
+        est.finalize(est.init(SCALAR))
+    # Under jit nothing can raise: an empty fit answers NaN, never a confident p = 1.
+    f = jax.jit(est.finalize)(est.init(SCALAR))
     assert np.isnan(float(jaxmon.quantile(f, 0.5)))
     assert float(jaxmon.rank(f, 1.0)) == 0.0
-    assert float(jaxmon.upper_tail(f, 1.0)) == 1.0
+    assert np.isnan(float(jaxmon.upper_tail(f, 1.0)))
+    assert np.isnan(float(est.score(f, jnp.asarray([1.0], jnp.float32))[0]))
     with pytest.raises(ValueError, match="relative_accuracy"):
         jaxmon.quantiles(relative_accuracy=0.0)
     with pytest.raises(ValueError, match="finer"):

@@ -112,10 +112,14 @@ def test_knn_matches_brute_force_float64_on_the_same_bank(normalize, rng):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * want.max())
 
 
-def test_knn_with_a_bank_short_of_k_rows_scores_inf(rng):
+def test_knn_with_a_bank_short_of_k_rows_is_refused(rng):
     est = jaxmon.knn(k=4, bank_size=16)
     x = rng.standard_normal((3, 2)).astype(np.float32)
-    f = est.finalize(est.update(est.init(x[0]), jnp.asarray(x)))
+    s = est.update(est.init(x[0]), jnp.asarray(x))
+    with pytest.raises(jaxmon.NotFittedError, match="3 distinct rows but k=4"):
+        est.finalize(s)
+    # Under jit nothing can raise: every score is +inf (no neighbour is close enough to vouch).
+    f = jax.jit(est.finalize)(s)
     assert np.all(np.isinf(np.asarray(est.score(f, jnp.asarray(x)))))
 
 

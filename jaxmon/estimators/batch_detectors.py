@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxmon import _numerics as nm
-from jaxmon._base import check_rows, masked_scores
+from jaxmon._base import check_rows, finish_scores
+from jaxmon.errors import ConfigError
 from jaxmon.estimators.gaussian import GaussianFitted
 
 __all__ = ["que_scores", "spectral_signature_scores"]
@@ -57,7 +58,7 @@ def _whitener(trusted, d: int, ridge: float) -> jax.Array:
         lam, v = jnp.linalg.eigh(cov)
         lam = lam + ridge * jnp.mean(lam)
         return jax.lax.rsqrt(jnp.maximum(lam, jnp.finfo(lam.dtype).tiny))[:, None] * v.T
-    raise TypeError(
+    raise ConfigError(
         f"trusted must be a fitted jaxmon.gaussian() (GaussianFitted), a Moments state or None, "
         f"got {type(trusted).__name__}"
     )
@@ -68,7 +69,7 @@ def _query_moments(query, rows, mask) -> nm.Moments:
         d = rows.shape[1]
         return nm.moments_update(nm.moments_init(d, rows.dtype), rows, mask)
     if not isinstance(query, nm.Moments) or query.m2.ndim != 2:
-        raise TypeError(
+        raise ConfigError(
             "query must be a full (non-diagonal) Moments state of the query set, e.g. "
             "jaxmon.gaussian().update(state, rows), or None to use the queries themselves"
         )
@@ -83,7 +84,7 @@ def _whitened(trusted, query, queries, mask, ridge):
     z = jnp.matmul(rows.astype(q.mean.dtype) - q.mean[None, :], w.T, precision=_HI)
     sig = jnp.matmul(jnp.matmul(w, nm.covariance(q), precision=_HI), w.T, precision=_HI)
     lam, u = jnp.linalg.eigh(0.5 * (sig + sig.T))  # ascending
-    return z, lam, u
+    return z, lam, u, rows
 
 
 @functools.partial(jax.jit, static_argnames=("ridge",))
@@ -120,13 +121,13 @@ def que_scores(
     Returns:
       Scores ``[...]``: higher means more anomalous *relative to this query set*.
     """
-    z, lam, u = _whitened(trusted, query, queries, mask, ridge)
+    z, lam, u, rows = _whitened(trusted, query, queries, mask, ridge)
     top = lam[-1]
     scale = jnp.maximum(top - 1, 1e-3)
     e = jnp.exp(alpha * (lam - top) / scale)
     p = jnp.matmul(z, u, precision=_HI)
     tau = z.shape[1] * jnp.sum(p * p * e[None, :], -1) / jnp.sum(e)
-    return masked_scores(tau, mask, queries.shape[:-1])
+    return finish_scores(tau, rows, mask, queries.shape[:-1])
 
 
 @functools.partial(jax.jit, static_argnames=("num_directions", "ridge"))
@@ -158,6 +159,6 @@ def spectral_signature_scores(
     Returns:
       Scores ``[...]``: higher means more anomalous relative to this query set.
     """
-    z, _, u = _whitened(trusted, query, queries, mask, ridge)
+    z, _, u, rows = _whitened(trusted, query, queries, mask, ridge)
     p = jnp.matmul(z, u[:, -num_directions:], precision=_HI)
-    return masked_scores(jnp.sum(p * p, -1), mask, queries.shape[:-1])
+    return finish_scores(jnp.sum(p * p, -1), rows, mask, queries.shape[:-1])

@@ -43,15 +43,18 @@ import optax
 
 from jaxmon import _numerics as nm
 from jaxmon._base import (
+    Counts,
     Estimator,
     EstimatorSpec,
     ShapeError,
     check_rows,
     feature_dim,
-    masked_scores,
+    finish_scores,
     register,
+    require_rows,
     valid_rows,
 )
+from jaxmon.errors import ConfigError
 
 __all__ = ["flow", "FlowState", "FlowFitted", "flow_nll"]
 
@@ -72,6 +75,7 @@ class FlowFitted(NamedTuple):
     inv_std: jax.Array  # shape=(d,): 1 / σ of the standardisation
     log_std: jax.Array  # shape=(): Σ log σ, the standardisation's log-Jacobian
     params: dict[str, jax.Array]
+    counts: Counts  # rows the flow was trained on (zero rows: every score is NaN)
 
 
 def _masks(d: int, num_layers: int) -> jax.Array:
@@ -206,7 +210,12 @@ def _merge(a: FlowState, b: FlowState) -> FlowState:
 @jax.jit
 def _finalize(state: FlowState) -> FlowFitted:
     mean, inv_std = _standardise(state.moments)
-    return FlowFitted(mean, inv_std, -jnp.sum(jnp.log(inv_std)), state.params)
+    return FlowFitted(mean, inv_std, -jnp.sum(jnp.log(inv_std)), state.params, state.moments.counts)
+
+
+def _checked_finalize(state: FlowState) -> FlowFitted:
+    require_rows(state, "flow")
+    return _finalize(state)
 
 
 @jax.jit
@@ -214,7 +223,8 @@ def _score(fitted: FlowFitted, x, mask):
     d = fitted.mean.shape[0]
     rows, _, _ = check_rows(x, d, name="flow", mask=mask)
     u = (rows.astype(fitted.mean.dtype) - fitted.mean[None, :]) * fitted.inv_std[None, :]
-    return masked_scores(flow_nll(fitted.params, u) + fitted.log_std, mask, x.shape[:-1])
+    nll = flow_nll(fitted.params, u) + fitted.log_std
+    return finish_scores(nll, rows, mask, x.shape[:-1], fitted.counts)
 
 
 @register("flow")
@@ -253,11 +263,11 @@ def flow(
     """
     for label, v in (("num_layers", num_layers), ("hidden", hidden)):
         if isinstance(v, bool) or int(v) != v or int(v) < 1:
-            raise ValueError(f"flow: {label} must be a positive int, got {v!r}")
+            raise ConfigError(f"flow: {label} must be a positive int, got {v!r}")
     if int(num_layers) < 2:
-        raise ValueError(f"flow: num_layers must be >= 2 so every feature moves, got {num_layers}")
+        raise ConfigError(f"flow: num_layers must be >= 2 so every feature moves, got {num_layers}")
     if not float(learning_rate) > 0 or not float(clip_norm) > 0:
-        raise ValueError("flow: learning_rate and clip_norm must be positive")
+        raise ConfigError("flow: learning_rate and clip_norm must be positive")
     num_layers, hidden, seed = int(num_layers), int(hidden), int(seed)
     learning_rate, clip_norm = float(learning_rate), float(clip_norm)
     spec = EstimatorSpec(
@@ -305,4 +315,4 @@ def flow(
     def score(fitted: FlowFitted, x, *, mask=None):
         return _score(fitted, x, mask)
 
-    return Estimator(init, update, _merge, _finalize, score, spec)
+    return Estimator(init, update, _merge, _checked_finalize, score, spec)

@@ -49,10 +49,12 @@ from jaxmon._base import (
     counts_merge,
     counts_zero,
     feature_dim,
-    masked_scores,
+    finish_scores,
     register,
+    require_rows,
     valid_rows,
 )
+from jaxmon.errors import ConfigError
 
 __all__ = [
     "FDFitted",
@@ -84,6 +86,7 @@ class FDFitted(NamedTuple):
     eigenvalues: jax.Array  # shape=(ℓ,): σ_i² / W, covariance eigenvalue estimates (≤ true)
     trace: jax.Array  # shape=(): tr C / W, the exact total variance
     error_bound: jax.Array  # shape=(): Δ / W, bound on the covariance error (spectral norm)
+    counts: Counts  # rows the sketch saw (zero rows: every score is NaN)
 
 
 # --------------------------------------------------------------------------- internals
@@ -211,7 +214,7 @@ def error_bound(state: FDState | FDFitted) -> jax.Array:
     if isinstance(state, FDFitted):
         return state.error_bound
     if not hasattr(state, "shrunk"):
-        raise TypeError(
+        raise ConfigError(
             f"error_bound expects a Frequent Directions state or fitted value, got "
             f"{type(state).__name__}; estimators built on exact moments have no sketch error"
         )
@@ -259,10 +262,10 @@ def _frequent_directions(ell: int, rank: int | None) -> Estimator:
     # of jitted functions and compile once per process (from_spec included).
     sketch_size = ell
     if ell < 2:
-        raise ValueError(f"frequent_directions: sketch_size must be at least 2, got {sketch_size}")
+        raise ConfigError(f"frequent_directions: sketch_size must be at least 2, got {sketch_size}")
     k = ell // 2 if rank is None else int(rank)
     if not 0 <= k < ell:
-        raise ValueError(f"frequent_directions: rank must lie in [0, sketch_size), got {rank}")
+        raise ConfigError(f"frequent_directions: rank must lie in [0, sketch_size), got {rank}")
     spec = EstimatorSpec("frequent_directions", {"sketch_size": ell, "rank": rank})
     name = "frequent_directions"
 
@@ -276,15 +279,27 @@ def _frequent_directions(ell: int, rank: int | None) -> Estimator:
         return fd_update(state, rows, m, w)
 
     @jax.jit
-    def finalize(state: FDState) -> FDFitted:
+    def _finalize(state: FDState) -> FDFitted:
         lam, v = fd_spectrum(state)
         w = jnp.where(state.weight > 0, state.weight, 1)
-        return FDFitted(state.mean, state.sketch, v, lam / w, state.trace / w, state.shrunk / w)
+        return FDFitted(
+            state.mean,
+            state.sketch,
+            v,
+            lam / w,
+            state.trace / w,
+            state.shrunk / w,
+            state.counts,
+        )
+
+    def finalize(state: FDState) -> FDFitted:
+        require_rows(state, name)
+        return _finalize(state)
 
     @jax.jit
     def score(fitted: FDFitted, x, *, mask=None):
         rows, _, _ = check_rows(x, fitted.mean.shape[0], name=name, mask=mask)
         out = residual_sq(rows, fitted.mean, fitted.components[:k])
-        return masked_scores(out, mask, x.shape[:-1])
+        return finish_scores(out, rows, mask, x.shape[:-1], fitted.counts)
 
     return Estimator(init, update, fd_merge_jit, finalize, score, spec)

@@ -9,6 +9,7 @@ is computed in ``finalize`` from streamed statistics and equals scikit-learn's `
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -16,13 +17,18 @@ import jax.numpy as jnp
 
 from jaxmon import _numerics as nm
 from jaxmon._base import (
+    Counts,
     Estimator,
     EstimatorSpec,
     check_rows,
     feature_dim,
-    masked_scores,
+    finish_scores,
+    is_traced,
+    num_rows,
     register,
+    require_rows,
 )
+from jaxmon.errors import ConditioningWarning, ConfigError
 from jaxmon_kernels import mahalanobis_sq
 
 
@@ -36,6 +42,7 @@ class GaussianFitted(NamedTuple):
     shrinkage: jax.Array  # shape=(): the shrinkage intensity applied, in [0, 1]
     condition_number: jax.Array  # shape=(): of the covariance that is factorised
     log_det: jax.Array  # shape=(): log-determinant of that covariance
+    counts: Counts  # rows the fit saw (zero rows: every score is NaN)
 
 
 def _shrinkage_intensity(m: nm.Moments, shrinkage) -> jax.Array:
@@ -94,19 +101,19 @@ def gaussian(
     """
     if shrinkage is not None and not isinstance(shrinkage, str):
         if not 0.0 <= float(shrinkage) <= 1.0:
-            raise ValueError(f"gaussian: a fixed shrinkage must lie in [0, 1], got {shrinkage}")
+            raise ConfigError(f"gaussian: a fixed shrinkage must lie in [0, 1], got {shrinkage}")
         shrinkage = float(shrinkage)
     elif isinstance(shrinkage, str) and shrinkage not in ("ledoit_wolf", "oas"):
-        raise ValueError(
+        raise ConfigError(
             f"gaussian: shrinkage must be None, a float, 'ledoit_wolf' or 'oas', got {shrinkage!r}"
         )
     if diagonal and isinstance(shrinkage, str):
-        raise ValueError(
+        raise ConfigError(
             "gaussian: diagonal=True keeps no off-diagonal statistics, so Ledoit-Wolf/OAS "
             "cannot be estimated; use shrinkage=None or a fixed float"
         )
     if diagonal and relative:
-        raise ValueError("gaussian: relative=True compares full against diagonal; drop diagonal")
+        raise ConfigError("gaussian: relative=True compares full against diagonal; drop diagonal")
     return _gaussian(shrinkage, bool(diagonal), bool(relative), float(ridge))
 
 
@@ -130,7 +137,7 @@ def _gaussian(shrinkage, diagonal: bool, relative: bool, ridge: float) -> Estima
         return nm.moments_update(state, rows, m, w)
 
     @jax.jit
-    def finalize(state: nm.Moments) -> GaussianFitted:
+    def _finalize(state: nm.Moments) -> GaussianFitted:
         emp = nm.covariance(state)
         var = jnp.diagonal(emp) if emp.ndim == 2 else emp
         mu = jnp.mean(var)
@@ -152,7 +159,23 @@ def _gaussian(shrinkage, diagonal: bool, relative: bool, ridge: float) -> Estima
             eig = jnp.linalg.eigvalsh(fac)
             log_det = 2 * jnp.sum(jnp.log(jnp.diagonal(chol)))
         cond = jnp.max(eig) / jnp.min(eig)
-        return GaussianFitted(state.mean, cov, whitener, diag_whitener, s, cond, log_det)
+        return GaussianFitted(
+            state.mean, cov, whitener, diag_whitener, s, cond, log_det, state.counts
+        )
+
+    def finalize(state: nm.Moments) -> GaussianFitted:
+        require_rows(state, name)
+        if shrinkage is None and not diagonal and not is_traced(state):
+            n, d = num_rows(state), state.mean.shape[0]
+            if n <= d:
+                warnings.warn(
+                    f"gaussian: {n} rows for {d} features leave the empirical covariance "
+                    "singular (only the ridge keeps it invertible), so Mahalanobis scores are "
+                    'dominated by noise directions; use gaussian(shrinkage="ledoit_wolf")',
+                    ConditioningWarning,
+                    stacklevel=2,
+                )
+        return _finalize(state)
 
     @jax.jit
     def score(fitted: GaussianFitted, x, *, mask=None):
@@ -172,6 +195,6 @@ def _gaussian(shrinkage, diagonal: bool, relative: bool, ridge: float) -> Estima
                     None
                 ]
                 out = out - jnp.sum(z * z, -1)
-        return masked_scores(out, mask, x.shape[:-1])
+        return finish_scores(out, rows, mask, x.shape[:-1], fitted.counts)
 
     return Estimator(init, update, nm.moments_merge_jit, finalize, score, spec)

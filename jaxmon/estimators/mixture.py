@@ -25,13 +25,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxmon._base import (
+    Counts,
     Estimator,
     EstimatorSpec,
     check_rows,
+    counts_zero,
     feature_dim,
-    masked_scores,
+    finish_scores,
     register,
 )
+from jaxmon.errors import ConfigError
 from jaxmon.estimators import reservoir as rv
 
 __all__ = ["MixtureFitted", "gaussian_mixture"]
@@ -48,6 +51,7 @@ class MixtureFitted(NamedTuple):
     whiteners: jax.Array  # shape=(K, d, d) = L_j⁻¹ (or (K, d) = 1/σ when diagonal)
     log_norm: jax.Array  # shape=(K,): log π_j − ½ (d log 2π + log det Σ_j)
     bank_log_likelihood: jax.Array  # shape=(): mean log-likelihood of the bank rows
+    counts: Counts  # rows the reservoir saw (zero rows: every score is NaN)
 
 
 def _log_dens(x, means, whiteners, log_norm) -> jax.Array:
@@ -92,8 +96,12 @@ def fit_mixture(
     diagonal: bool,
     key: jax.Array,
     kmeans_iters: int = 10,
+    counts: Counts | None = None,
 ) -> MixtureFitted:
-    """EM on the valid rows of a bank ``x[m, d]`` (see module docstring)."""
+    """EM on the valid rows of a bank ``x[m, d]`` (see module docstring).
+
+    ``counts`` is the row counter recorded in the fitted value (default: the valid rows).
+    """
     m = x.shape[0]
     v = valid.astype(x.dtype)
     cnt = jnp.maximum(jnp.sum(v), 1)
@@ -129,7 +137,11 @@ def fit_mixture(
     means, cov, whiten, log_norm = jax.lax.fori_loop(0, iters, em, params)
     ll = jax.nn.logsumexp(_log_dens(xc, means, whiten, log_norm), axis=0)
     mean_ll = jnp.sum(jnp.where(valid, ll, 0)) / cnt
-    return MixtureFitted(center, means, cov, whiten, log_norm, mean_ll)
+    if counts is None:
+        counts = counts_zero()._replace(
+            rows=jnp.stack([jnp.sum(valid).astype(jnp.uint32), jnp.uint32(0)])
+        )
+    return MixtureFitted(center, means, cov, whiten, log_norm, mean_ll, counts)
 
 
 def mixture_nll(fitted: MixtureFitted, rows: jax.Array, *, block: int = 1024) -> jax.Array:
@@ -172,15 +184,15 @@ def gaussian_mixture(
       more anomalous.
     """
     if covariance not in ("full", "diag"):
-        raise ValueError(
+        raise ConfigError(
             f"gaussian_mixture: covariance must be 'full' or 'diag', got {covariance!r}"
         )
     if not 1 <= int(components) <= int(bank_size):
-        raise ValueError(
+        raise ConfigError(
             f"gaussian_mixture: need 1 ≤ components ≤ bank_size, got {components}, {bank_size}"
         )
     if int(iters) < 0 or int(kmeans_iters) < 0:
-        raise ValueError(
+        raise ConfigError(
             f"gaussian_mixture: iters and kmeans_iters must be non-negative, got {iters}, "
             f"{kmeans_iters}"
         )
@@ -223,12 +235,12 @@ def _gaussian_mixture(
     @jax.jit
     def update(state: rv.ReservoirState, x, *, mask=None, weights=None) -> rv.ReservoirState:
         if weights is not None:
-            raise ValueError(f"{name}: row weights are not supported; pass mask= to drop rows")
+            raise ConfigError(f"{name}: row weights are not supported; pass mask= to drop rows")
         rows, m, _ = check_rows(x, state.rows.shape[1], name=name, mask=mask)
         return rv.reservoir_update(state, rows, m, salts)
 
     @jax.jit
-    def finalize(state: rv.ReservoirState) -> MixtureFitted:
+    def _finalize(state: rv.ReservoirState) -> MixtureFitted:
         return fit_mixture(
             state.rows,
             state.filled,
@@ -238,11 +250,16 @@ def _gaussian_mixture(
             diagonal=diagonal,
             key=jax.random.key(seed),
             kmeans_iters=kmeans_iters,
+            counts=state.counts,
         )
+
+    def finalize(state: rv.ReservoirState) -> MixtureFitted:
+        rv.require_bank(state, components, name, f"a mixture of {components} components")
+        return _finalize(state)
 
     @jax.jit
     def score(fitted: MixtureFitted, x, *, mask=None):
         rows, _, _ = check_rows(x, fitted.center.shape[0], name=name, mask=mask)
-        return masked_scores(mixture_nll(fitted, rows), mask, x.shape[:-1])
+        return finish_scores(mixture_nll(fitted, rows), rows, mask, x.shape[:-1], fitted.counts)
 
     return Estimator(init, update, rv.reservoir_merge_jit, finalize, score, spec)

@@ -36,13 +36,16 @@ import jax.numpy as jnp
 
 from jaxmon import _numerics as nm
 from jaxmon._base import (
+    Counts,
     Estimator,
     EstimatorSpec,
     check_rows,
     feature_dim,
-    masked_scores,
+    finish_scores,
     register,
+    require_rows,
 )
+from jaxmon.errors import ConfigError
 from jaxmon.estimators import frequent_directions as fd
 
 __all__ = ["PCAResidualFitted", "pca_residual"]
@@ -57,6 +60,7 @@ class PCAResidualFitted(NamedTuple):
     components: jax.Array  # shape=(rank, d): orthonormal principal directions, λ descending
     eigenvalues: jax.Array  # shape=(rank,): variances along them (floored by the ridge)
     residual_variance: jax.Array  # shape=(): σ², mean variance outside the subspace
+    counts: Counts  # rows the fit saw (zero rows: every score is NaN)
 
 
 def pca_scores(fitted: PCAResidualFitted, rows: jax.Array) -> jax.Array:
@@ -68,11 +72,11 @@ def pca_scores(fitted: PCAResidualFitted, rows: jax.Array) -> jax.Array:
     return inside + jnp.sum(r * r, -1) / fitted.residual_variance
 
 
-def _fit(mean, lam, vecs, total, d: int, rank: int, ridge: float) -> PCAResidualFitted:
+def _fit(mean, lam, vecs, total, d: int, rank: int, ridge: float, counts) -> PCAResidualFitted:
     lam = jnp.maximum(lam, 0)
     floor = ridge * jnp.where(total > 0, total / d, 1.0)
     resid = jnp.maximum(total - jnp.sum(lam), 0) / (d - rank)
-    return PCAResidualFitted(mean, vecs, lam + floor, resid + floor)
+    return PCAResidualFitted(mean, vecs, lam + floor, resid + floor, counts)
 
 
 @register("pca_residual")
@@ -102,17 +106,19 @@ def pca_residual(
       >>> est = jaxmon.pca_residual(rank=32, source="frequent_directions", sketch_size=128)
     """
     if source not in ("moments", "frequent_directions"):
-        raise ValueError(
+        raise ConfigError(
             f"pca_residual: source must be 'moments' or 'frequent_directions', got {source!r}"
         )
     if int(rank) < 1:
-        raise ValueError(f"pca_residual: rank must be at least 1, got {rank}")
+        raise ConfigError(f"pca_residual: rank must be at least 1, got {rank}")
     if source == "moments" and sketch_size is not None:
-        raise ValueError("pca_residual: sketch_size applies only to source='frequent_directions'")
+        raise ConfigError("pca_residual: sketch_size applies only to source='frequent_directions'")
     if source == "frequent_directions":
         sketch_size = 2 * int(rank) if sketch_size is None else int(sketch_size)
         if sketch_size <= int(rank):
-            raise ValueError(f"pca_residual: sketch_size ({sketch_size}) must exceed rank ({rank})")
+            raise ConfigError(
+                f"pca_residual: sketch_size ({sketch_size}) must exceed rank ({rank})"
+            )
     return _pca_residual(int(rank), source, sketch_size, float(ridge))
 
 
@@ -128,7 +134,7 @@ def _pca_residual(rank: int, source: str, ell: int | None, ridge: float) -> Esti
     def init(example):
         d = feature_dim(example, name=name)
         if rank >= d:
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: rank ({rank}) must be below the feature size ({d}); "
                 "use jaxmon.gaussian() to model every direction"
             )
@@ -141,7 +147,7 @@ def _pca_residual(rank: int, source: str, ell: int | None, ridge: float) -> Esti
         return (fd.fd_update if sketched else nm.moments_update)(state, rows, m, w)
 
     @jax.jit
-    def finalize(state) -> PCAResidualFitted:
+    def _finalize(state) -> PCAResidualFitted:
         d = state.mean.shape[0]
         wt = jnp.where(state.weight > 0, state.weight, 1)
         if sketched:
@@ -157,12 +163,16 @@ def _pca_residual(rank: int, source: str, ell: int | None, ridge: float) -> Esti
             ev, u = jnp.linalg.eigh(cov)
             lam, vecs = ev[::-1][:rank], u[:, ::-1][:, :rank].T
             total = jnp.trace(cov)
-        return _fit(state.mean, lam, vecs, total, d, rank, ridge)
+        return _fit(state.mean, lam, vecs, total, d, rank, ridge, state.counts)
+
+    def finalize(state) -> PCAResidualFitted:
+        require_rows(state, name)
+        return _finalize(state)
 
     @jax.jit
     def score(fitted: PCAResidualFitted, x, *, mask=None):
         rows, _, _ = check_rows(x, fitted.mean.shape[0], name=name, mask=mask)
-        return masked_scores(pca_scores(fitted, rows), mask, x.shape[:-1])
+        return finish_scores(pca_scores(fitted, rows), rows, mask, x.shape[:-1], fitted.counts)
 
     merge = fd.fd_merge_jit if sketched else nm.moments_merge_jit
     return Estimator(init, update, merge, finalize, score, spec)

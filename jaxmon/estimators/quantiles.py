@@ -42,6 +42,25 @@ float32 first (relative 2^-24 more).
 
 Counts: ranks are float32 cumulative counts in ``finalize``, exact up to 2^24 values and with a
 relative rounding of 6e-8 beyond (negligible next to ``alpha`` for all practical streams).
+
+The upper tail beyond the data
+------------------------------
+Conformal p-values stop at ``1 / (n + 1)``: every value above the largest sketched one would
+tie there, and the strongest anomalies would be ordered by row number. ``finalize`` therefore
+also fits a generalized Pareto distribution (GPD) to the top exceedances of the sketched values,
+the extreme-value model of any tail above a high threshold (Pickands–Balkema–de Haan), by
+probability-weighted moments (Hosking & Wallis 1987) over the top ``K = max(min(n, 20), n/20)``
+values read off the buckets. Threshold stability moves it to the maximum ``M`` (scale
+``σ_M = σ_u + ξ (M − u)``), and :func:`upper_tail` continues the conformal p-value past ``M`` as
+
+    p(v) = 1 / (n + 1) · (1 + ξ (v − M) / σ_M)^(−1/ξ),      v > M,
+
+continuous at ``M`` and strictly decreasing in ``v``. The shape is kept in
+``[0.1, 0.9]``: a light (exponential or bounded) tail fitted to a few hundred exceedances cannot
+be told apart from a slightly heavy one, and beyond the data the heavier choice gives the larger,
+conservative p-value, which also stays representable in float32 far past the data (a tail of
+``ξ = 0`` would underflow to 0 a few hundred scale units out and tie the extremes again).
+:func:`log_upper_tail` gives ``log p`` with no underflow at all.
 """
 
 from __future__ import annotations
@@ -61,13 +80,16 @@ from jaxmon._base import (
     counts_add,
     counts_merge,
     register,
+    require_rows,
 )
+from jaxmon.errors import ConfigError
 
 __all__ = [
     "quantiles",
     "quantile",
     "rank",
     "upper_tail",
+    "log_upper_tail",
     "QuantilesState",
     "QuantilesFitted",
     "quantiles_accuracy",
@@ -75,6 +97,8 @@ __all__ = [
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 _MIN_BITS, _MAX_BITS = 1, 10
+# The GPD shape of the tail beyond the data (module docstring): floor and cap.
+_XI_MIN, _XI_MAX = 0.1, 0.9
 
 
 class QuantilesState(NamedTuple):
@@ -95,6 +119,8 @@ class QuantilesFitted(NamedTuple):
     total: jax.Array  # shape=(), dtype=float32: number of values n
     minimum: jax.Array  # shape=example.shape, dtype=float32: smallest value per row position
     maximum: jax.Array  # shape=example.shape, dtype=float32: largest value per row position
+    tail_scale: jax.Array  # shape=(), dtype=float32: GPD scale σ_M of exceedances over the max
+    tail_shape: jax.Array  # shape=(), dtype=float32: GPD shape ξ, in [0.1, 0.9]
 
 
 def _bits_for(relative_accuracy: float) -> int:
@@ -102,7 +128,7 @@ def _bits_for(relative_accuracy: float) -> int:
         r = 2.0**-m
         if r / (2 + r) <= relative_accuracy:
             return m
-    raise ValueError(
+    raise ConfigError(
         f"quantiles: relative_accuracy={relative_accuracy} is finer than the finest supported "
         f"({quantiles_accuracy(_MAX_BITS):.2e}, 2^{9 + _MAX_BITS} buckets)"
     )
@@ -174,8 +200,9 @@ def quantiles(*, relative_accuracy: float = 0.01) -> Estimator:
     Returns:
       An :class:`~jaxmon.Estimator` with a :class:`QuantilesState`; ``finalize`` gives a
       :class:`QuantilesFitted` for :func:`quantile`, :func:`rank` and :func:`upper_tail`.
-      ``score`` is the upper-tail surprisal ``-log p`` with ``p = (1 + #{values >= v}) /
-      (1 + n)`` of each row's largest value (natural log): higher = further in the upper tail.
+      ``score`` is the upper-tail surprisal ``-log p`` (natural log) of each row's largest
+      value, with ``p`` from :func:`upper_tail` (conformal within the data, the fitted tail
+      beyond): higher = further in the upper tail; ``+inf`` for a row holding NaN/inf.
       ``weights`` must be non-negative integers (repetition counts; rounded).
 
     Example:
@@ -184,7 +211,7 @@ def quantiles(*, relative_accuracy: float = 0.01) -> Estimator:
       >>> jaxmon.quantile(est.finalize(s), 0.99)
     """
     if isinstance(relative_accuracy, bool) or not 0 < float(relative_accuracy) < 1:
-        raise ValueError(
+        raise ConfigError(
             f"quantiles: relative_accuracy must lie in (0, 1), got {relative_accuracy!r}"
         )
     relative_accuracy = float(relative_accuracy)
@@ -259,11 +286,13 @@ def quantiles(*, relative_accuracy: float = 0.01) -> Estimator:
         shape = state.minimum.shape
         lo_v = jnp.where(ok_v, vals, jnp.inf)
         hi_v = jnp.where(ok_v, vals, -jnp.inf)
+        # initial=: an empty batch (no rows at all) is a no-op, not a reduction error.
         if width == 1:
-            lo, hi = jnp.min(lo_v).reshape(shape), jnp.max(hi_v).reshape(shape)
+            lo = jnp.min(lo_v, initial=jnp.inf).reshape(shape)
+            hi = jnp.max(hi_v, initial=-jnp.inf).reshape(shape)
         else:
-            lo = jnp.min(lo_v.reshape(-1, width), axis=0).reshape(shape)
-            hi = jnp.max(hi_v.reshape(-1, width), axis=0).reshape(shape)
+            lo = jnp.min(lo_v.reshape(-1, width), axis=0, initial=jnp.inf).reshape(shape)
+            hi = jnp.max(hi_v.reshape(-1, width), axis=0, initial=-jnp.inf).reshape(shape)
         # Row counts from the histogram (B additions) rather than from a pass over the batch:
         # reductions over millions of bools are a large share of XLA's CPU time here.
         if w is None:
@@ -277,15 +306,20 @@ def quantiles(*, relative_accuracy: float = 0.01) -> Estimator:
         )
 
     @jax.jit
-    def finalize(state: QuantilesState) -> QuantilesFitted:
+    def _finalize_jit(state: QuantilesState) -> QuantilesFitted:
         return _finalize(state)
+
+    def finalize(state: QuantilesState) -> QuantilesFitted:
+        require_rows(state, name)
+        return _finalize_jit(state)
 
     @jax.jit
     def score(fitted: QuantilesFitted, x, *, mask=None):
         rows, lead, mk, _ = rows_of(fitted.minimum.shape, x, mask, None, what="score")
-        # A row is as anomalous as its largest value.
-        top = jnp.max(rows.astype(jnp.float32), axis=-1)
-        out = (-jnp.log(upper_tail(fitted, top))).reshape(lead)
+        # A row is as anomalous as its largest value; a row holding NaN/inf maximally so.
+        vals = rows.astype(jnp.float32)
+        top = jnp.where(jnp.all(jnp.isfinite(vals), -1), jnp.max(vals, -1), jnp.inf)
+        out = (-log_upper_tail(fitted, top)).reshape(lead)
         if mk is None:
             return out
         return jnp.where(mk.reshape(lead).astype(bool), out, jnp.zeros((), out.dtype))
@@ -320,14 +354,53 @@ def _finalize(state: QuantilesState) -> QuantilesFitted:
     below = inclusive - c
     # The upper tail is summed from the top so that small tail counts keep every digit.
     above = jnp.cumsum(c[::-1])[::-1] - c
-    return QuantilesFitted(c, below, above, total, state.minimum, state.maximum)
+    scale, shape = _tail_fit(c, above, total, jnp.min(state.minimum), jnp.max(state.maximum))
+    return QuantilesFitted(c, below, above, total, state.minimum, state.maximum, scale, shape)
+
+
+def _tail_fit(
+    c: jax.Array, above: jax.Array, total: jax.Array, lo_all: jax.Array, hi_all: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``(σ_M, ξ)`` of a GPD fitted to the top values of a histogram (module docstring).
+
+    Probability-weighted moments on the top ``K`` values, each at its bucket's representative
+    (clamped to the exact extremes): ``a0 = mean(y)``, ``a1 = mean((1 − p_j) y_(j))`` with
+    plotting positions ``p_j = (j − 0.35) / K`` over the ascending excesses ``y = x − u``, where
+    ``u`` is the representative of the bucket of the ``K``-th largest value; then
+    ``ξ = 2 − a0 / (a0 − 2 a1)``, ``σ_u = 2 a0 a1 / (a0 − 2 a1)``, ``σ_M = σ_u + ξ (M − u)``.
+    """
+    m = _bits_of(c.shape[0])
+    lo, hi = _bucket_bounds(m)
+    rep = jnp.clip(_representative(lo, hi), lo_all, hi_all)
+    k = jnp.maximum(jnp.minimum(total, 20.0), jnp.floor(total / 20.0))
+    w = jnp.clip(k - above, 0.0, c)  # top-K values held by each bucket
+    first = jnp.argmax(w > 0)  # lowest bucket holding any of them
+    u = rep[first]
+    y = jnp.where(w > 0, jnp.maximum(rep - u, 0.0), 0.0)
+    r = jnp.cumsum(w) - w  # ascending rank offset of each bucket's values
+    kk = jnp.maximum(k, 1.0)
+    a0 = jnp.sum(w * y) / kk
+    weight1 = w - (w * r + 0.5 * w * (w + 1.0) - 0.35 * w) / kk
+    a1 = jnp.sum(y * weight1) / kk
+    den = a0 - 2.0 * a1
+    ok = (den > 0) & (a1 > 0)
+    safe = jnp.where(ok, den, 1.0)
+    xi = jnp.where(ok, 2.0 - a0 / safe, _XI_MAX)
+    sigma_u = jnp.where(ok, 2.0 * a0 * a1 / safe, a0)
+    xi = jnp.clip(xi, _XI_MIN, _XI_MAX)
+    # A degenerate tail (all top values equal) still needs a positive scale: one float32 ulp
+    # of the maximum, so anything above it is very unlikely, but ordered.
+    ulp = jnp.maximum(jnp.abs(hi_all), 1.0) * jnp.float32(2.0**-22)
+    sigma = jnp.maximum(sigma_u + xi * (hi_all - u), ulp)
+    sigma = jnp.where(jnp.isfinite(sigma), sigma, ulp)
+    return sigma.astype(jnp.float32), xi.astype(jnp.float32)
 
 
 def _fitted(f) -> QuantilesFitted:
     if isinstance(f, QuantilesState):
         return _finalize(f)
     if not isinstance(f, QuantilesFitted):
-        raise TypeError(
+        raise ConfigError(
             f"expected a QuantilesFitted (est.finalize(state)) or a QuantilesState, got "
             f"{type(f).__name__}"
         )
@@ -335,12 +408,17 @@ def _fitted(f) -> QuantilesFitted:
 
 
 def _position(f: QuantilesFitted, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Bucket of ``v`` and its linear position in ``[0, 1]`` inside the bucket."""
+    """Bucket of ``v`` and its linear position in ``[0, 1]`` inside the bucket.
+
+    The bucket is narrowed to the exact ``[min, max]`` of the values, so the top bucket's
+    upper-tail count reaches 0 exactly at the maximum (the p-value is then continuous there).
+    """
     m = _bits_of(f.bucket_counts.shape[0])
     v = v.astype(jnp.float32)
     b = jnp.clip(_bucket_of(v, m), 0, f.bucket_counts.shape[0] - 1)
     lo, hi = _bucket_bounds(m)
-    blo, bhi = lo[b], hi[b]
+    lo_all, hi_all = jnp.min(f.minimum), jnp.max(f.maximum)
+    blo, bhi = jnp.maximum(lo[b], lo_all), jnp.minimum(hi[b], hi_all)
     width = bhi - blo
     frac = jnp.where(width > 0, (v - blo) / jnp.where(width > 0, width, 1.0), 1.0)
     return b, jnp.clip(frac, 0.0, 1.0)
@@ -364,20 +442,43 @@ def rank(fitted: QuantilesFitted | QuantilesState, v) -> jax.Array:
 
 
 @jax.jit
-def upper_tail(fitted: QuantilesFitted | QuantilesState, v) -> jax.Array:
-    """Conformal upper-tail p-value ``(1 + #{values >= v}) / (1 + n)`` (jittable).
+def log_upper_tail(fitted: QuantilesFitted | QuantilesState, v) -> jax.Array:
+    """Natural log of :func:`upper_tail`, which never underflows (jittable).
 
-    Valid (super-uniform) for a ``v`` exchangeable with the sketched values, up to the sketch's
-    within-bucket interpolation; 1 for an empty sketch. The tail count is summed from the top,
-    so p-values near ``1/n`` keep their precision.
+    Past the largest sketched value the GPD tail is evaluated in log space, so values many
+    scale units beyond the data keep distinct, ordered log p-values. NaN values count as
+    ``+inf`` (log p = -inf); an empty sketch gives NaN.
     """
     f = _fitted(fitted)
     v = jnp.asarray(v, jnp.float32)
+    v = jnp.where(jnp.isnan(v), jnp.inf, v)
     b, frac = _position(f, v)
     ge = f.above[b] + f.bucket_counts[b] * (1.0 - frac)
     lo_all, hi_all = jnp.min(f.minimum), jnp.max(f.maximum)
     ge = jnp.where(v > hi_all, 0.0, jnp.where(v <= lo_all, f.total, ge))
-    return (1.0 + ge) / (1.0 + f.total)
+    log_n1 = jnp.log1p(f.total)
+    conformal = jnp.log1p(ge) - log_n1
+    xi, sigma = f.tail_shape, f.tail_scale
+    excess = jnp.where(v > hi_all, v - hi_all, 0.0)
+    beyond = -log_n1 - jnp.log1p(xi * excess / sigma) / xi
+    out = jnp.where(v > hi_all, beyond, conformal)
+    return jnp.where(f.total > 0, out, jnp.nan)
+
+
+@jax.jit
+def upper_tail(fitted: QuantilesFitted | QuantilesState, v) -> jax.Array:
+    """Upper-tail p-value: conformal up to the largest sketched value, a GPD tail beyond.
+
+    For ``v`` up to the largest sketched value ``M``: ``(1 + #{values >= v}) / (1 + n)``, valid
+    (super-uniform) for a ``v`` exchangeable with the sketched values, up to the sketch's
+    within-bucket interpolation; the tail count is summed from the top, so p-values near
+    ``1/n`` keep their precision. For ``v > M``: the fitted generalized Pareto tail (module
+    docstring), strictly decreasing, below ``1 / (n + 1)``: an extrapolation, so its validity
+    there rests on the tail model (conservative by construction of the shape floor). NaN and
+    ``+inf`` values get p = 0 (float32 may also round far-out values to 0: use
+    :func:`log_upper_tail` for ordering there). NaN for an empty sketch.
+    """
+    return jnp.exp(log_upper_tail(fitted, v))
 
 
 @jax.jit

@@ -49,10 +49,13 @@ from jaxmon._base import (
     counts_merge,
     counts_zero,
     feature_dim,
-    masked_scores,
+    finish_scores,
+    is_traced,
     register,
+    require_rows,
     valid_rows,
 )
+from jaxmon.errors import ConfigError, NotFittedError
 
 __all__ = ["KNNFitted", "ReservoirState", "knn", "reservoir"]
 
@@ -76,6 +79,7 @@ class KNNFitted(NamedTuple):
     bank: jax.Array  # shape=(B, d), B = bank_size rounded up to whole bank blocks
     bank_sq: jax.Array  # shape=(B,): |bank row|², +inf for empty slots (never a neighbour)
     filled: jax.Array  # shape=(B,), dtype=bool
+    counts: Counts  # rows the reservoir saw (zero rows: every score is NaN)
 
 
 # --------------------------------------------------------------------------- priorities
@@ -103,7 +107,9 @@ def row_priority(rows: jax.Array, salts: np.ndarray) -> tuple[jax.Array, jax.Arr
     elementwise passes and a row reduction.
     """
     n = rows.shape[0]
-    bits = jax.lax.bitcast_convert_type(rows, jnp.uint32).reshape(n, -1)
+    bits = jax.lax.bitcast_convert_type(rows, jnp.uint32)
+    # An explicit width: reshape(n, -1) cannot infer it for an empty batch (n = 0).
+    bits = bits.reshape(n, int(np.prod(bits.shape[1:])))
     col = jnp.arange(bits.shape[1], dtype=jnp.uint32)
     s1 = _fmix(col * jnp.uint32(0x9E3779B9) + jnp.uint32(salts[0]))
     s2 = _fmix(col * jnp.uint32(0x7FEB352D) + jnp.uint32(salts[1]))
@@ -175,6 +181,23 @@ def reservoir_merge(a: ReservoirState, b: ReservoirState) -> ReservoirState:
 reservoir_merge_jit = jax.jit(reservoir_merge)
 
 
+def require_bank(state: ReservoirState, need: int, name: str, what: str) -> None:
+    """Refuses (outside ``jit``) to finalize a bank of fewer than ``need`` distinct rows.
+
+    Raises:
+      NotFittedError: no rows at all, or fewer distinct rows than ``need`` (``what`` says why).
+    """
+    require_rows(state, name)
+    if is_traced(state):
+        return
+    held = int(jnp.sum(state.filled))
+    if held < need:
+        raise NotFittedError(
+            f"{name}.finalize: the bank holds {held} distinct rows but {what} needs {need}; "
+            f"fit on at least {need} distinct trusted rows"
+        )
+
+
 # --------------------------------------------------------------------------- kNN
 
 
@@ -213,7 +236,7 @@ def knn_bank(state: ReservoirState, *, normalize: bool, bank_block: int) -> KNNF
         bank = jnp.concatenate([bank, jnp.zeros((pad, d), bank.dtype)])
         filled = jnp.concatenate([filled, jnp.zeros((pad,), bool)])
     bank_sq = jnp.where(filled, jnp.sum(bank * bank, -1), jnp.inf)
-    return KNNFitted(center, bank, bank_sq, filled)
+    return KNNFitted(center, bank, bank_sq, filled, state.counts)
 
 
 def kth_distance(
@@ -285,7 +308,7 @@ def _build(
     @jax.jit
     def update(state: ReservoirState, x, *, mask=None, weights=None) -> ReservoirState:
         if weights is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: row weights are not supported (a priority sample keeps rows, not "
                 "mass); pass mask= to drop rows"
             )
@@ -293,8 +316,12 @@ def _build(
         return reservoir_update(state, rows, m, salts)
 
     @jax.jit
-    def finalize(state: ReservoirState) -> KNNFitted:
+    def _finalize(state: ReservoirState) -> KNNFitted:
         return knn_bank(state, normalize=normalize, bank_block=bank_block)
+
+    def finalize(state: ReservoirState) -> KNNFitted:
+        require_bank(state, k, name, f"k={k} (every score would be inf)")
+        return _finalize(state)
 
     @jax.jit
     def score(fitted: KNNFitted, x, *, mask=None):
@@ -307,7 +334,7 @@ def _build(
             query_block=query_block,
             bank_block=bank_block,
         )
-        return masked_scores(out, mask, x.shape[:-1])
+        return finish_scores(out, rows, mask, x.shape[:-1], fitted.counts)
 
     return Estimator(init, update, reservoir_merge_jit, finalize, score, spec)
 
@@ -332,7 +359,7 @@ def reservoir(*, size: int, seed: int = 0) -> Estimator:
 @functools.lru_cache(maxsize=64)
 def _reservoir(size: int, seed: int) -> Estimator:
     if size < 1:
-        raise ValueError(f"reservoir: size must be at least 1, got {size}")
+        raise ConfigError(f"reservoir: size must be at least 1, got {size}")
     spec = EstimatorSpec("reservoir", {"size": size, "seed": seed})
     return _build(
         "reservoir",
@@ -381,9 +408,9 @@ def knn(
 @functools.lru_cache(maxsize=64)
 def _knn(k, bank_size, seed, normalize, query_block, bank_block) -> Estimator:
     if not 1 <= k <= bank_size:
-        raise ValueError(f"knn: need 1 ≤ k ≤ bank_size, got k={k}, bank_size={bank_size}")
+        raise ConfigError(f"knn: need 1 ≤ k ≤ bank_size, got k={k}, bank_size={bank_size}")
     if query_block < 1 or bank_block < 1:
-        raise ValueError("knn: query_block and bank_block must be positive")
+        raise ConfigError("knn: query_block and bank_block must be positive")
     spec = EstimatorSpec(
         "knn",
         {

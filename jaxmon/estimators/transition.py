@@ -31,9 +31,11 @@ from jaxmon._base import (
     ShapeError,
     check_rows,
     feature_dim,
-    masked_scores,
+    finish_scores,
     register,
+    require_rows,
 )
+from jaxmon.errors import ConfigError
 from jaxmon_kernels import mahalanobis_sq
 
 __all__ = ["transition", "TransitionState", "TransitionFitted"]
@@ -68,6 +70,7 @@ class TransitionFitted(NamedTuple):
     explained_variance: jax.Array  # shape=(): 1 - tr(residual cov) / tr(cov of b), the R²
     condition_number: jax.Array  # shape=(): of the factorised residual covariance
     log_det: jax.Array  # shape=(): log-determinant of the factorised residual covariance
+    counts: Counts  # rows the fit saw (zero rows: every score is NaN)
 
 
 def _joint(s: TransitionState) -> nm.Moments:
@@ -174,6 +177,7 @@ def _finalize(
         explained,
         jnp.max(eig) / jnp.min(eig),
         2 * jnp.sum(jnp.log(jnp.diagonal(chol))),
+        state.counts,
     )
 
 
@@ -187,7 +191,7 @@ def _score(fitted: TransitionFitted, x, mask):
     yb = rows[:, d_a:].astype(acc) - fitted.mean_b[None, :]
     resid = yb - ya @ fitted.coef
     out = mahalanobis_sq(resid, jnp.zeros((d_b,), acc), fitted.whitener)
-    return masked_scores(out, mask, lead)
+    return finish_scores(out, rows, mask, lead, fitted.counts)
 
 
 @register("transition")
@@ -223,11 +227,11 @@ def transition(
       >>> scores = est.score(est.finalize(s), (q_3, q_4))
     """
     if not float(ridge) >= 0.0:
-        raise ValueError(f"transition: ridge must be >= 0, got {ridge}")
+        raise ConfigError(f"transition: ridge must be >= 0, got {ridge}")
     if rank is not None and (isinstance(rank, bool) or int(rank) < 1):
-        raise ValueError(f"transition: rank must be None or a positive int, got {rank!r}")
+        raise ConfigError(f"transition: rank must be None or a positive int, got {rank!r}")
     if not float(residual_ridge) >= 0.0:
-        raise ValueError(f"transition: residual_ridge must be >= 0, got {residual_ridge}")
+        raise ConfigError(f"transition: residual_ridge must be >= 0, got {residual_ridge}")
     ridge, residual_ridge = float(ridge), float(residual_ridge)
     rank = None if rank is None else int(rank)
     spec = EstimatorSpec(
@@ -238,7 +242,7 @@ def transition(
         ea, eb = _pair(example, _NAME, "the init example")
         d_a, d_b = feature_dim(ea, name=_NAME), feature_dim(eb, name=_NAME)
         if rank is not None and rank > d_a:
-            raise ValueError(f"transition: rank={rank} exceeds the first tap's width {d_a}")
+            raise ConfigError(f"transition: rank={rank} exceeds the first tap's width {d_a}")
         dtypes = {jnp.dtype(getattr(e, "dtype", jnp.float32)) for e in (ea, eb)}
         dt = dtypes.pop() if len(dtypes) == 1 else jnp.dtype(jnp.float32)
         return _split(nm.moments_init(d_a + d_b, dt), d_a)
@@ -247,6 +251,7 @@ def transition(
         return _update(state, x, mask, weights)
 
     def finalize(state: TransitionState) -> TransitionFitted:
+        require_rows(state, _NAME)
         acc = state.m2_aa.dtype
         return _finalize(
             state, jnp.asarray(ridge, acc), jnp.asarray(residual_ridge, acc), rank=rank
