@@ -20,6 +20,13 @@ or, for a single tap::
     [estimator]
     name = "gaussian"
     params = { diagonal = true }
+
+The same in JSON (any file not ending in ``.toml``)::
+
+    {"tap": "resid", "estimator": {"name": "gaussian", "params": {"diagonal": true}}}
+
+Estimator names are those of ``jaxmon.registered()``; their parameters are the factories'
+keyword arguments.
 """
 
 from __future__ import annotations
@@ -39,6 +46,27 @@ class CliError(Exception):
     """A bad input, reported as one sentence."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one sentence too (exit status 2)."""
+
+    def error(self, message: str):
+        hint = f"see `{self.prog} --help`"
+        self.exit(2, f"{self.prog}: error: {_sentence(message, hint)}\n")
+
+
+def _config_help() -> str:
+    """The config-file part of this module's docstring, shown by ``jaxmon fit --help``."""
+    doc = __doc__ or ""
+    start = doc.find("Config files")
+    return doc[start:].replace("``", "").replace("::", ":") if start >= 0 else ""
+
+
+def _writable_dir(path: str, flag: str = "-o") -> None:
+    """Refuses an output path that exists as a file, before any work is done."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(f"{flag} {path} is an existing file; give a directory path")
+
+
 def _load_config(path: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise CliError(f"config file {path} does not exist")
@@ -56,12 +84,13 @@ def _load_config(path: str) -> dict[str, Any]:
 
 def _spec_estimator(spec: Any, where: str):
     import jaxmon
+    from jaxmon.errors import ConfigError, one_line
 
     if isinstance(spec, dict) and "name" in spec:
         try:
             return jaxmon.from_spec({"params": {}, **spec})
-        except TypeError as e:
-            raise CliError(f"{where}: bad parameters for {spec['name']!r} ({e})") from None
+        except (ConfigError, TypeError, ValueError) as e:
+            raise CliError(f"{where}: {one_line(e, 500)}") from e
     if isinstance(spec, dict):
         return {k: _spec_estimator(v, f"{where}.{k}") for k, v in spec.items()}
     raise CliError(f"{where} must be an estimator spec like {{name = 'gaussian', params = {{}}}}")
@@ -71,8 +100,12 @@ def _build(config: dict[str, Any]):
     """(estimator, tap or None) from a config."""
     import jaxmon
 
+    if not isinstance(config, dict):
+        raise CliError("the config must be a table (a JSON object) with a monitor or an estimator")
     if ("monitor" in config) == ("estimator" in config):
         raise CliError("the config must have exactly one of a [monitor] or an [estimator] table")
+    if "monitor" in config and not isinstance(config["monitor"], dict):
+        raise CliError("[monitor] must be a table of tap pattern -> estimator spec")
     if "estimator" in config:
         est = _spec_estimator(config["estimator"], "estimator")
         if isinstance(est, dict):
@@ -89,6 +122,7 @@ def _fit(args) -> None:
     import jaxmon
     from jaxmon import checkpoint, query
 
+    _writable_dir(args.out)
     config = _load_config(args.config)
     est, tap = _build(config)
     store = query.open_store(args.store)
@@ -120,6 +154,7 @@ def _fit(args) -> None:
 def _score(args) -> None:
     from jaxmon import checkpoint, query
 
+    _writable_dir(args.out)
     ck = checkpoint.load(args.checkpoint, step=args.step)
     ck_meta_tap = (ck.metadata.get("user") or {}).get("config", {}).get("tap")
     res = query.score_store(
@@ -141,6 +176,7 @@ def _score(args) -> None:
 def _report(args) -> None:
     from jaxmon import report
 
+    _writable_dir(args.out)
     path = report.write_report(
         args.query, args.out, trusted=args.trusted, trusted_split=args.trusted_split
     )
@@ -191,6 +227,7 @@ def _inspect(args) -> None:
         "path": os.path.abspath(args.checkpoint),
         "steps": checkpoint.steps(args.checkpoint),
         "step": ck.step,
+        "format_version": m["format_version"],
         "estimator": m["spec"],
         "jaxmon_version": m["jaxmon_version"],
         "created": m["created"],
@@ -207,7 +244,10 @@ def _inspect(args) -> None:
         return
     print(f"jaxmon checkpoint {info['path']} step {ck.step} (steps {info['steps']})")
     print(f"  estimator: {json.dumps(m['spec'])}")
-    print(f"  written by jaxmon {m['jaxmon_version']} at {m['created']}")
+    print(
+        f"  written by jaxmon {m['jaxmon_version']} at {m['created']} (checkpoint format "
+        f"{m['format_version']}, every file verified against its digest)"
+    )
     print(f"  init example: {json.dumps(m['example'])}")
     print(f"  rows: {json.dumps(m['rows'])}  non-finite: {json.dumps(m['nonfinite'])}")
     print(f"  fitted values: {'yes' if info['has_fitted'] else 'no'}")
@@ -219,12 +259,16 @@ def _inspect(args) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="jaxmon", description="Mechanistic anomaly detection over logged activations."
-    )
+    p = _Parser(prog="jaxmon", description="Mechanistic anomaly detection over logged activations.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("fit", help="fit a monitor on logged activations and save a checkpoint")
+    f = sub.add_parser(
+        "fit",
+        help="fit a monitor on logged activations and save a checkpoint",
+        description="Fit a monitor (or one estimator) on logged activations and save a checkpoint.",
+        epilog=_config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     f.add_argument("config", help="JSON or TOML file describing the estimator or monitor")
     f.add_argument("store", help="activation store directory (jaxmon.io.ActivationWriter)")
     f.add_argument("-o", "--out", required=True, help="checkpoint directory to write")
@@ -264,14 +308,34 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sentence(e: BaseException) -> str:
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    msg = " ".join(str(msg).split())  # one line
+def _sentence(text: str, hint: str = "") -> str:
+    """``text`` on one line, ending with a period (and ``hint`` after a semicolon)."""
+    msg = " ".join(str(text).split())
+    if hint:
+        msg = f"{msg.rstrip('.')}; {hint}"
     return msg if msg.endswith((".", "?", "!")) else msg + "."
 
 
+def _message(e: Exception) -> str:
+    """One sentence for a failure: jaxmon's own errors as they are, anything else briefly."""
+    from jaxmon.errors import JaxmonError, one_line
+
+    if isinstance(e, JaxmonError | CliError):
+        return _sentence(one_line(e, 400))
+    if isinstance(e, OSError) and e.filename is not None:
+        return _sentence(f"{e.strerror or type(e).__name__}: {e.filename}")
+    # Not a failure jaxmon anticipated: still one line, with the way to the full traceback.
+    return _sentence(
+        f"unexpected {type(e).__name__}: {one_line(e, 200)}", "set JAXMON_DEBUG=1 for the traceback"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the ``jaxmon`` command line; returns the exit status."""
+    """Runs the ``jaxmon`` command line; returns the exit status.
+
+    Every failure exits with status 2 and one sentence on stderr (``JAXMON_DEBUG=1`` re-raises
+    it with its traceback); Ctrl-C exits with 130.
+    """
     args = _parser().parse_args(argv)
     try:
         args.fn(args)
@@ -281,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("JAXMON_DEBUG"):
             raise
-        print(f"jaxmon {args.command}: error: {_sentence(e)}", file=sys.stderr)
+        print(f"jaxmon {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
     return 0
 

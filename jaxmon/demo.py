@@ -318,6 +318,10 @@ def save_checkpoint(args, model, mon, mon_state, fitted, info) -> Path | None:
     with ocp.CheckpointManager(path, options=options) as mngr:
         mngr.save(args.steps, args=ocp.args.Composite(**items))
         mngr.wait_until_finished()
+    if mon is not None:
+        # A step saved by our own manager carries no digest record yet: seal it, so that
+        # jaxmon.load verifies the monitor's files before trusting them.
+        jcp.seal(path, args.steps)
     return path
 
 

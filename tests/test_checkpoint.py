@@ -1,7 +1,6 @@
 """Checkpoints: bit-exact round trips, resume, shardings, merges, splicing, errors, SIGKILL."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,21 +16,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 import jaxmon
 from jaxmon import checkpoint
 
+from laws import assert_trees_equal, sigkill_when
+
 D = 16
 EXAMPLE = jax.ShapeDtypeStruct((D,), jnp.float32)
 
 
 def _rows(rng, n, d=D):
     return jnp.asarray(rng.normal(size=(n, d)) * 3.0 + 1.0, jnp.float32)
-
-
-def _assert_trees_equal(a, b):
-    """Same pytree types and bit-identical leaves."""
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert x.tobytes() == y.tobytes()
 
 
 @pytest.fixture
@@ -47,8 +39,8 @@ def test_round_trip_is_bit_exact_and_needs_no_user_code(tmp_path, fitted_gaussia
     ck = jaxmon.load(tmp_path)
     assert ck.step == 7
     assert ck.estimator.spec == est.spec
-    _assert_trees_equal(ck.state, state)
-    _assert_trees_equal(ck.fitted, fitted)
+    assert_trees_equal(ck.state, state)
+    assert_trees_equal(ck.fitted, fitted)
     assert ck.metadata["rows"] == 300 == jaxmon.num_rows(ck.state)
     assert ck.metadata["example"] == {"shape": [D], "dtype": "float32"}  # inferred
     assert ck.metadata["user"] == {"model": "tiny"}
@@ -67,8 +59,8 @@ def test_latest_and_given_steps(tmp_path, rng):
         checkpoint.save(tmp_path, est, s, step=step)
         saved.append(s)
     assert checkpoint.steps(tmp_path) == [0, 5, 10]
-    _assert_trees_equal(jaxmon.load(tmp_path).state, saved[-1])
-    _assert_trees_equal(jaxmon.load(tmp_path, step=5).state, saved[1])
+    assert_trees_equal(jaxmon.load(tmp_path).state, saved[-1])
+    assert_trees_equal(jaxmon.load(tmp_path, step=5).state, saved[1])
     assert jaxmon.load(tmp_path).fitted is None
     with pytest.raises(checkpoint.CheckpointError, match="already exists"):
         checkpoint.save(tmp_path, est, s, step=5)
@@ -80,7 +72,7 @@ def test_resume_accumulation_exactly(tmp_path, rng):
     s_a = est.update(est.init(EXAMPLE), a)
     checkpoint.save(tmp_path, est, s_a)
     ck = jaxmon.load(tmp_path)
-    _assert_trees_equal(ck.estimator.update(ck.state, b), est.update(s_a, b))
+    assert_trees_equal(ck.estimator.update(ck.state, b), est.update(s_a, b))
 
 
 def test_restore_onto_eight_devices_replicated_and_sharded(tmp_path, fitted_gaussian):
@@ -93,7 +85,7 @@ def test_restore_onto_eight_devices_replicated_and_sharded(tmp_path, fitted_gaus
     ck = checkpoint.load(tmp_path, sharding=replicated)
     for leaf in jax.tree_util.tree_leaves((ck.state, ck.fitted)):
         assert leaf.sharding == replicated
-    _assert_trees_equal(ck.state, state)
+    assert_trees_equal(ck.state, state)
 
     # Shard every matrix by rows over the 8 devices, replicate the rest.
     def rows_sharded(sds):
@@ -103,8 +95,8 @@ def test_restore_onto_eight_devices_replicated_and_sharded(tmp_path, fitted_gaus
     assert ck.state.m2.sharding.spec == PartitionSpec("x")
     assert len(ck.state.m2.addressable_shards) == 8
     assert ck.state.m2.addressable_shards[0].data.shape == (D // 8, D)
-    _assert_trees_equal(ck.state, state)
-    _assert_trees_equal(ck.fitted, fitted)
+    assert_trees_equal(ck.state, state)
+    assert_trees_equal(ck.fitted, fitted)
     # A pytree of shardings works too.
     tree = jax.tree_util.tree_map(lambda _: replicated, state)
     ck = checkpoint.load(tmp_path, sharding=tree, with_fitted=False)
@@ -121,7 +113,7 @@ def test_merge_states_saved_by_separate_jobs(tmp_path, rng):
         checkpoint.save(dirs[-1], est, s, step=3)
     merged = checkpoint.merge(dirs, finalize=True)
     expected = est.merge(est.merge(states[0], states[1]), states[2])
-    _assert_trees_equal(merged.state, expected)
+    assert_trees_equal(merged.state, expected)
     assert merged.metadata["rows"] == 192
     one_pass = est.update(est.init(EXAMPLE), jnp.concatenate(parts))
     np.testing.assert_allclose(merged.state.m2, one_pass.m2, rtol=2e-5, atol=1e-3)
@@ -165,6 +157,8 @@ def test_splices_into_the_users_composite_checkpoint(tmp_path, fitted_gaussian):
             ),
         )
         mngr.wait_until_finished()
+    # load() reads only sealed steps: seal what the user's own manager wrote.
+    checkpoint.seal(tmp_path, 12)
     abstract = lambda t: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, t)
     with ocp.CheckpointManager(tmp_path) as mngr:
         out = mngr.restore(
@@ -175,13 +169,13 @@ def test_splices_into_the_users_composite_checkpoint(tmp_path, fitted_gaussian):
                 **checkpoint.restore_args(est, EXAMPLE, fitted=True),
             ),
         )
-    _assert_trees_equal(out["params"], params)
+    assert_trees_equal(out["params"], params)
     ck = checkpoint.restored(out, est=est, example=EXAMPLE)
     assert ck.step == 12
-    _assert_trees_equal(ck.state, state)
-    _assert_trees_equal(ck.fitted, fitted)
+    assert_trees_equal(ck.state, state)
+    assert_trees_equal(ck.fitted, fitted)
     # The jaxmon items alone are a complete jaxmon checkpoint too.
-    _assert_trees_equal(checkpoint.load(tmp_path, step=12).state, state)
+    assert_trees_equal(checkpoint.load(tmp_path, step=12).state, state)
     with pytest.raises(checkpoint.CheckpointError, match="differs"):
         checkpoint.restored(out, est=jaxmon.gaussian(diagonal=True))
 
@@ -201,32 +195,26 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
         text=True,
         env=env,
     )
-    try:
-        assert proc.stdout.readline().strip() == "step0"
-        assert proc.stdout.readline().strip() == "saving1"
-        deadline = time.time() + 60
-        while not any("tmp" in n for n in os.listdir(directory)):
-            assert proc.poll() is None, "the save finished before it could be killed"
-            assert time.time() < deadline
-            time.sleep(0.002)
-        time.sleep(0.05)  # well inside the save: data files are being written
-        assert proc.poll() is None, "the save finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.stdout.readline().strip() == "step0"
+    assert proc.stdout.readline().strip() == "saving1"
+
+    def well_inside_the_save() -> bool:
+        if not any("tmp" in n for n in os.listdir(directory)):
+            return False
+        time.sleep(0.05)  # the step's temp dir exists: its data files are being written
+        return True
+
+    sigkill_when(proc, well_inside_the_save, timeout=60, poll=0.002)
     assert any("tmp" in n for n in os.listdir(directory))  # the interrupted step's leftovers
     assert checkpoint.steps(directory) == [0]
     est, s0, s1 = states(d)
     ck = jaxmon.load(directory)
     assert ck.step == 0
-    _assert_trees_equal(ck.state, s0)
+    assert_trees_equal(ck.state, s0)
     # The next save in the same directory cleans the leftovers and succeeds.
     checkpoint.save(directory, est, s1, step=1)
     assert not any("tmp" in n for n in os.listdir(directory))
-    _assert_trees_equal(jaxmon.load(directory).state, s1)
+    assert_trees_equal(jaxmon.load(directory).state, s1)
 
 
 def test_monitor_round_trip_and_example_check(tmp_path, rng):
@@ -242,8 +230,8 @@ def test_monitor_round_trip_and_example_check(tmp_path, rng):
     fitted = mon.finalize(state)
     checkpoint.save(tmp_path, mon, state, fitted=fitted, example=example)
     ck = jaxmon.load(tmp_path)
-    _assert_trees_equal(ck.state, state)
-    _assert_trees_equal(ck.fitted, fitted)
+    assert_trees_equal(ck.state, state)
+    assert_trees_equal(ck.fitted, fitted)
     assert jaxmon.num_rows(ck.state) == jaxmon.num_rows(state)
     assert ck.example == example
     q = taps(16)

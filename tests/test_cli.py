@@ -62,7 +62,49 @@ def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--help"] if command is None else [command, "--help"])
     assert e.value.code == 0
-    assert "usage: jaxmon" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: jaxmon" in out
+    if command == "fit":  # the config format, with its example, verbatim
+        assert "[monitor]" in out and 'name = "gaussian"' in out and '"estimator":' in out
+        assert '"blocks/*/mlp_out" = { name = "gaussian"' in out
+
+
+def _one_sentence(err):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and lines[0].endswith((".", "?")), err
+    return lines[0]
+
+
+def test_usage_errors_are_one_sentence(capsys):
+    for argv in (["fit", "cfg.toml"], ["frobnicate"], ["inspect", "ck", "--step", "x"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
+        line = _one_sentence(capsys.readouterr().err)
+        assert line.startswith("jaxmon") and "--help" in line
+
+
+def test_unexpected_failures_are_one_line_unless_debugging(monkeypatch, capsys, tmp_path):
+    def boom(args):
+        raise RuntimeError("deep inside\n" + "x" * 3000)
+
+    monkeypatch.setattr(cli, "_inspect", boom)
+    monkeypatch.delenv("JAXMON_DEBUG", raising=False)
+    assert cli.main(["inspect", str(tmp_path)]) == 2
+    line = _one_sentence(capsys.readouterr().err)
+    assert "unexpected RuntimeError: deep inside" in line and len(line) < 300
+    assert "JAXMON_DEBUG=1" in line
+    monkeypatch.setenv("JAXMON_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        cli.main(["inspect", str(tmp_path)])
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_inspect", interrupted)
+    assert cli.main(["inspect", str(tmp_path)]) == 130
+    assert "interrupted" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -127,6 +169,21 @@ def test_bad_inputs_exit_nonzero_with_one_sentence(tmp_path, rng):
     shutil.copytree(tmp_path / "store", tmp_path / "cut")
     manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
     os.remove(tmp_path / "cut" / manifest["taps"]["blocks/0/out"]["path"] / "c" / "1" / "0")
+    shutil.copytree(tmp_path / "ck", tmp_path / "ck_flip")
+    data = max(
+        (p for p in (tmp_path / "ck_flip" / "0" / "jaxmon_state").rglob("*") if p.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "fit.json").write_text(
+        json.dumps({"tap": "blocks/0/out", "estimator": {"name": "gaussian"}})
+    )
+    (tmp_path / "unknown.json").write_text(
+        json.dumps({"tap": "blocks/0/out", "estimator": {"name": "gausian"}})
+    )
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "nomatch.json").write_text(json.dumps({"monitor": {"mlp/*": {"name": "gaussian"}}}))
     cases = {
@@ -162,6 +219,26 @@ def test_bad_inputs_exit_nonzero_with_one_sentence(tmp_path, rng):
             ("fit", tmp_path / "nomatch.json", tmp_path / "store", "-o", tmp_path / "c2"),
             "mlp/*",
         ),
+        "existing file as -o for fit": (
+            ("fit", tmp_path / "fit.json", tmp_path / "store", "-o", tmp_path / "a_file"),
+            "a_file is an existing file",
+        ),
+        "existing file as -o for score": (
+            ("score", tmp_path / "store", tmp_path / "ck", "-o", tmp_path / "a_file"),
+            "a_file is an existing file",
+        ),
+        "corrupted checkpoint, inspect": (
+            ("inspect", tmp_path / "ck_flip"),
+            f"checkpoint file {data.relative_to(tmp_path / 'ck_flip' / '0').as_posix()} of step 0",
+        ),
+        "corrupted checkpoint, score": (
+            ("score", tmp_path / "store", tmp_path / "ck_flip", "-o", tmp_path / "q4"),
+            "is corrupted",
+        ),
+        "unknown estimator": (
+            ("fit", tmp_path / "unknown.json", tmp_path / "store", "-o", tmp_path / "c3"),
+            "no estimator named 'gausian'",
+        ),
     }
     # Start every case at once: each pays the interpreter and jax start-up.
     procs = {
@@ -177,4 +254,7 @@ def test_bad_inputs_exit_nonzero_with_one_sentence(tmp_path, rng):
         assert len(lines) == 1, (name, err)
         assert "Traceback" not in err, (name, err)
         assert cases[name][1] in lines[0], (name, lines[0])
-        assert lines[0].startswith("jaxmon ") and lines[0].endswith("."), lines[0]
+        assert lines[0].startswith("jaxmon ") and lines[0].endswith((".", "?")), lines[0]
+        if "checkpoint" in name:
+            assert len(lines[0]) <= 340, lines[0]  # the 300-character sentence and its prefix
+    assert not (tmp_path / "c3").exists() and (tmp_path / "a_file").read_text().startswith("not")
