@@ -9,21 +9,33 @@ progress record is replaced atomically, so a killed query resumes from its last 
 block and produces bit-identical output. Memory is bounded by the block size, not by the
 number of tokens (per-sequence aggregates are O(sequences)).
 
+Rows holding NaN or inf in a tap are maximally anomalous: every jaxmon estimator scores them
+``+inf``; the summary counts them per score key (``nonfinite``) and they lead the top-k.
+
+Every read goes through :class:`Store` (or :class:`QueryResult`), which turns a damaged array
+(a chunk failing its ``crc32c`` checksum, a truncated or missing chunk file) into one
+:class:`~jaxmon.errors.StoreError` naming the tap or column, the rows and the chunk file, with
+tensorstore's error chained as its cause.
+
 Output directory of a query::
 
     query.json         what was scored (store, keys, spec, block rows); written first
-    progress.json      next block and the running top-k (replaced atomically per block)
-    scores/<i>_<key>/  zarr3 float32 [rows] per score key
+    progress.json      next block, the running top-k and non-finite counts (replaced atomically
+                       per block)
+    scores/<i>_<key>/  zarr3 float32 [rows] per score key (crc32c-checksummed chunks)
     sequences.npz      per-sequence id, tokens, label, split, max and mean score per key
-    summary.json       per key: top-k tokens, score statistics, and when the estimator is
-                       calibrated, threshold exceedances at several false-positive rates
+    summary.json       per key: top-k tokens, score statistics, non-finite rows, and when the
+                       estimator is calibrated, threshold exceedances at several false-positive
+                       rates
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,9 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
-from jaxmon._base import Estimator
+from jaxmon._base import Estimator, nonfinite_rows, require_fitted
+from jaxmon.errors import ConfigError, StoreError, one_line
+from jaxmon.io import Manifest, _zarr3_spec, read_tokens
 
 __all__ = [
+    "PendingRead",
     "QueryResult",
     "Store",
     "StoreError",
@@ -48,44 +63,127 @@ __all__ = [
 ]
 
 FPRS = (0.1, 0.01, 0.001)
-
-
-class StoreError(ValueError):
-    """An activation store or query output that is missing, truncated or inconsistent."""
+_MAX_MESSAGE = 300
 
 
 # --------------------------------------------------------------------------- stores
 
 
+def _clip(text: str, limit: int = _MAX_MESSAGE) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
 def _open_array(path: str, what: str) -> ts.TensorStore:
     if not os.path.exists(os.path.join(path, "zarr.json")):
-        raise StoreError(f"the store is truncated: {what} has no zarr array at {path}")
+        raise StoreError(_clip(f"the store is truncated: {what} has no zarr array at {path}"))
     try:
         return ts.open(
             {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}, open=True
         ).result()
     except Exception as e:
-        raise StoreError(f"cannot open {what} at {path}: {e}") from None
+        raise StoreError(_clip(f"cannot open {what} at {path}: {one_line(e, 120)}")) from e
+
+
+# Tensorstore's status codes on a read, as the words a user needs.
+_REASONS = (
+    ("DATA_LOSS", "fails its crc32c checksum (corrupted on disk)"),
+    ("Not enough data", "is truncated"),
+    ("FAILED_PRECONDITION", "is truncated or malformed"),
+    ("NOT_FOUND", "is missing"),
+    ("PERMISSION_DENIED", "is not readable (permissions)"),
+)
+
+
+def _read_error(
+    e: BaseException, store_dir: str, what: str, arr: ts.TensorStore, start: int, stop: int
+) -> StoreError:
+    """One sentence for a failed read of rows ``[start, stop)`` of ``what``."""
+    msg = str(e)
+    reason = next((r for code, r in _REASONS if code in msg), None)
+    found = re.search(r'"([^"]*?/c((?:/\d+)+))"', msg)
+    rows = f"rows {start}-{stop - 1}"
+    if found:
+        chunk_rows = int(arr.chunk_layout.read_chunk.shape[0])
+        i = int(found.group(2).split("/")[1])
+        key = os.path.relpath(found.group(1), store_dir)
+        where = f"chunk file {key} (rows {i * chunk_rows}-{(i + 1) * chunk_rows - 1})"
+    else:
+        where = "a chunk"
+    if reason is None:
+        reason = f"cannot be read ({one_line(e, 100)})"
+    return StoreError(
+        _clip(f"{what}: {where} {reason}, so {rows} cannot be read from the store at {store_dir}")
+    )
+
+
+class PendingRead:
+    """A read in flight, as returned by :meth:`Store.read`.
+
+    :meth:`result` waits for the rows; a damaged chunk raises :class:`StoreError` (one sentence
+    naming the tap and chunk) with tensorstore's error as its cause.
+    """
+
+    __slots__ = ("_fail", "_future")
+
+    def __init__(self, future: Any, fail: Callable[[BaseException], StoreError]):
+        self._future = future
+        self._fail = fail
+
+    def result(self) -> np.ndarray:
+        """The rows, once read."""
+        try:
+            return self._future.result()
+        except Exception as e:
+            raise self._fail(e) from e
+
+    def done(self) -> bool:
+        """Whether the read has finished (successfully or not)."""
+        return bool(self._future.done())
 
 
 def _check_chunks(arr: ts.TensorStore, path: str, rows: int, what: str) -> None:
-    """Every chunk that holds rows must exist on disk (a missing one would read as zeros)."""
+    """Every chunk that holds rows must exist on disk (a missing one would read as zeros).
+
+    For plain (uncompressed) chunks the file size is known, so a truncated file is caught here
+    too; checksums are verified when the rows are read.
+    """
     chunk = arr.chunk_layout.read_chunk.shape
     n_row_chunks = -(-rows // chunk[0])
     n_col_chunks = [-(-int(s) // int(c)) for s, c in zip(arr.shape[1:], chunk[1:], strict=True)]
+    names = [c.get("name") for c in arr.codec.to_json().get("codecs", [])]
+    size = None
+    if names and names[0] == "bytes" and all(n == "crc32c" for n in names[1:]):
+        size = math.prod(chunk) * arr.dtype.numpy_dtype.itemsize + 4 * (len(names) - 1)
     for i in range(n_row_chunks):
         for rest in np.ndindex(*n_col_chunks):
             key = os.path.join(path, "c", str(i), *map(str, rest))
-            if not os.path.exists(key):
+            rows_i = f"rows {i * chunk[0]}-{min(rows, (i + 1) * chunk[0]) - 1}"
+            try:
+                got = os.stat(key).st_size
+            except FileNotFoundError:
                 raise StoreError(
-                    f"the store is truncated: chunk {i} of {what} is missing ({key}); rows "
-                    f"{i * chunk[0]}-{min(rows, (i + 1) * chunk[0]) - 1} cannot be read"
+                    _clip(
+                        f"the store is truncated: chunk {i} of {what} is missing ({key}); "
+                        f"{rows_i} cannot be read"
+                    )
+                ) from None
+            if size is not None and got != size:
+                raise StoreError(
+                    _clip(
+                        f"the store is truncated: chunk {i} of {what} holds {got} bytes instead "
+                        f"of {size} ({key}); {rows_i} cannot be read"
+                    )
                 )
 
 
 @dataclasses.dataclass
 class Store:
-    """An opened activation store (see :mod:`jaxmon.io` for the layout)."""
+    """An opened activation store (see :mod:`jaxmon.io` for the layout).
+
+    Reads cover the committed rows ``[0, rows)`` only; a failed read (a chunk failing its
+    checksum, a truncated chunk file) raises :class:`StoreError`.
+    """
 
     directory: str
     manifest: dict[str, Any]
@@ -94,7 +192,7 @@ class Store:
 
     @property
     def rows(self) -> int:
-        """Number of logged rows (tokens)."""
+        """Number of logged rows (tokens) committed to the store."""
         return int(self.manifest["rows"])
 
     @property
@@ -107,65 +205,100 @@ class Store:
         """Split names; ``rows/split`` holds indices into this list (-1: none)."""
         return list(self.manifest.get("splits", []))
 
-    def read(self, tap: str, start: int, stop: int) -> ts.Future:
-        """Starts reading rows ``[start, stop)`` of ``tap`` (clamped to the store)."""
-        return self.taps[tap][start : min(stop, self.rows)].read()
+    @property
+    def complete(self) -> bool:
+        """False when the writer has not closed the store (still running, failed or killed)."""
+        return bool(self.manifest.get("complete", True))
+
+    def _range(self, start: int, stop: int) -> tuple[int, int]:
+        start = max(0, min(int(start), self.rows))
+        return start, max(start, min(int(stop), self.rows))
+
+    def _start(self, what: str, arr: ts.TensorStore, start: int, stop: int) -> PendingRead:
+        start, stop = self._range(start, stop)
+        fail = lambda e: _read_error(e, self.directory, what, arr, start, stop)
+        try:
+            return PendingRead(arr[start:stop].read(), fail)
+        except Exception as e:
+            raise fail(e) from e
+
+    def read(self, tap: str, start: int, stop: int) -> PendingRead:
+        """Starts reading rows ``[start, stop)`` of ``tap`` (clamped to the store).
+
+        Returns:
+          A :class:`PendingRead`: its ``result()`` is the ``[rows, d]`` array.
+
+        Raises:
+          StoreError: no such tap; from ``result()``: the rows cannot be read.
+        """
+        if tap not in self.taps:
+            raise StoreError(f"the store has no tap {tap!r} (taps: {sorted(self.taps)})")
+        return self._start(f"tap {tap!r}", self.taps[tap], start, stop)
 
     def read_meta(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` of a row-metadata column (``sequence_id``, ``label``...)."""
-        return self.meta[name][start : min(stop, self.rows)].read().result()
+        """Rows ``[start, stop)`` of a row-metadata column (``sequence_id``, ``label``...).
+
+        Raises:
+          StoreError: no such column, or the rows cannot be read.
+        """
+        if name not in self.meta:
+            raise StoreError(f"the store has no row metadata {name!r} (has {sorted(self.meta)})")
+        return self._start(f"row metadata {name!r}", self.meta[name], start, stop).result()
 
     def tokens(self) -> dict[int, str] | None:
-        """Token text by row, when it was logged (loads the sidecar; for reports)."""
+        """Token text by row, when it was logged (loads the sidecar; for reports).
+
+        Records beyond the committed rows, and a last line torn by a killed writer, are ignored.
+        """
         name = self.manifest.get("tokens")
         if not name:
             return None
-        out: dict[int, str] = {}
-        with open(os.path.join(self.directory, name)) as f:
-            for line in f:
-                rec = json.loads(line)
-                for i, t in enumerate(rec["tokens"]):
-                    out[rec["start"] + i] = t
-        return out
+        path = os.path.join(self.directory, name)
+        try:
+            return read_tokens(path, self.rows)
+        except OSError as e:
+            raise StoreError(_clip(f"cannot read the token sidecar {path}: {one_line(e)}")) from e
 
 
 def open_store(directory: str | os.PathLike, *, check_chunks: bool = True) -> Store:
     """Opens and validates an activation store.
 
+    A store whose writer is still running, failed or was killed opens too, with the rows
+    committed so far (``Store.complete`` is then False).
+
     Raises:
-      StoreError: no manifest, a missing array, an array shorter than the manifest's row
-        count, or (with ``check_chunks``) a chunk file missing on disk.
+      StoreError: no manifest, a manifest that is not valid (garbled JSON, wrong types, a
+        negative row count, a path leaving the store directory), a missing array, an array
+        shorter than the manifest's row count or of another width or dtype, or (with
+        ``check_chunks``) a chunk file missing or truncated on disk.
     """
     directory = os.path.abspath(os.fspath(directory))
-    path = os.path.join(directory, "manifest.json")
-    if not os.path.isdir(directory):
-        raise StoreError(f"no activation store at {directory}")
-    if not os.path.exists(path):
-        raise StoreError(
-            f"{directory} has no manifest.json: not an activation store, or its writer was "
-            "not closed"
-        )
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != "jaxmon-activations":
-        raise StoreError(f"{path} is not a jaxmon activation-store manifest")
-    rows = int(manifest["rows"])
+    manifest = Manifest.load(directory)
+    rows = manifest.rows
     taps, meta = {}, {}
-    for name, info in manifest["taps"].items():
+    for name, info in manifest.taps.items():
         p = os.path.join(directory, info["path"])
         arr = _open_array(p, f"tap {name!r}")
-        if arr.shape[0] < rows or list(arr.shape[1:]) != list(info["shape"][1:]):
+        if arr.rank != 2:
+            raise StoreError(f"tap {name!r} is not a [rows, d] array (its shape is {arr.shape})")
+        if arr.shape[0] < rows:
             raise StoreError(
                 f"the store is truncated: tap {name!r} holds {arr.shape[0]} rows but the "
                 f"manifest says {rows}"
             )
+        got = (int(arr.shape[1]), arr.dtype.numpy_dtype.name)
+        if got != (info["shape"][1], info["dtype"]):
+            raise StoreError(
+                f"tap {name!r} is an array [..., {got[0]}] of {got[1]} but the manifest says "
+                f"[..., {info['shape'][1]}] of {info['dtype']}"
+            )
         if check_chunks:
             _check_chunks(arr, p, rows, f"tap {name!r}")
         taps[name] = arr
-    for name, rel in manifest.get("row_meta", {}).items():
+    for name, rel in manifest.row_meta.items():
         p = os.path.join(directory, rel)
         arr = _open_array(p, f"row metadata {name!r}")
-        if arr.shape[0] < rows:
+        if arr.rank != 1 or arr.shape[0] < rows:
             raise StoreError(
                 f"the store is truncated: row metadata {name!r} holds {arr.shape[0]} rows but "
                 f"the manifest says {rows}"
@@ -173,11 +306,27 @@ def open_store(directory: str | os.PathLike, *, check_chunks: bool = True) -> St
         if check_chunks:
             _check_chunks(arr, p, rows, f"row metadata {name!r}")
         meta[name] = arr
-    return Store(directory, manifest, taps, meta)
+    return Store(directory, manifest.to_json(), taps, meta)
 
 
 def _as_store(store: Store | str | os.PathLike) -> Store:
     return store if isinstance(store, Store) else open_store(store)
+
+
+def _result(fut: Any, fail: Callable[[BaseException], StoreError]) -> np.ndarray:
+    try:
+        return fut.result()
+    except Exception as e:
+        raise fail(e) from e
+
+
+def _positive(value: Any, name: str, *, optional: bool = False) -> Any:
+    """``value`` if it is an integer >= 1 (or None when optional), else a ConfigError."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 # --------------------------------------------------------------------------- scoring plan
@@ -211,9 +360,12 @@ def _resolve(est_or_checkpoint: Any, fitted: Any) -> tuple[Estimator, Any, dict[
     else:
         est = est_or_checkpoint
     if not isinstance(est, Estimator):
-        raise TypeError(f"expected an Estimator, a Checkpoint or a path, got {type(est)}")
+        raise ConfigError(
+            f"expected a jaxmon Estimator, a Checkpoint or a checkpoint path, got "
+            f"{type(est).__name__}"
+        )
     if fitted is None:
-        raise ValueError("score_store needs fitted values: pass fitted= or a checkpoint")
+        raise ConfigError("score_store needs fitted values: pass fitted= or a checkpoint")
     return est, fitted, info
 
 
@@ -250,6 +402,8 @@ def _plan(est: Estimator, fitted: Any, store: Store, tap: str | None) -> tuple[l
 
 def _mesh(devices: Sequence[Any] | None) -> jax.sharding.Mesh:
     devs = list(devices) if devices is not None else jax.local_devices()
+    if not devs:
+        raise ConfigError("devices is empty: give at least one device (default: all local ones)")
     return jax.sharding.Mesh(np.array(devs), ("data",))
 
 
@@ -271,7 +425,11 @@ def _scorer(est: Estimator, monitor: bool, taps: list[str], mesh) -> Callable:
     def f(fitted, xs, mask):
         out = est.score(fitted, xs if monitor else xs[taps[0]], mask=mask)
         out = out if monitor else {taps[0]: out}
-        return {k: v.astype(jnp.float32) for k, v in out.items()}
+        # Which rows hold a NaN/inf, per tap, whatever the estimator made of them. The same
+        # expression as the estimators' own check (finish_scores), so XLA computes it once:
+        # measured free next to a Gaussian score (an all(isfinite) here cost ~5%).
+        finite = {t: ~nonfinite_rows(x) for t, x in xs.items()}
+        return {k: v.astype(jnp.float32) for k, v in out.items()}, finite
 
     return jax.jit(f, in_shardings=(rep, rows, rows), out_shardings=rows), rows, rep
 
@@ -279,13 +437,32 @@ def _scorer(est: Estimator, monitor: bool, taps: list[str], mesh) -> Callable:
 # --------------------------------------------------------------------------- top-k
 
 
+def _rank(sc: np.ndarray) -> np.ndarray:
+    """Ordering key of scores: NaN (no number, which no jaxmon estimator should give) ranks
+    with +inf at the top, so it is never silently dropped."""
+    sc = np.asarray(sc, np.float64)
+    return np.where(np.isnan(sc), np.inf, sc)
+
+
+def _block_topk(sc: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the top ``k`` of a block by (rank desc, index asc), in O(n)."""
+    if len(sc) <= k:
+        return np.arange(len(sc))
+    rank = _rank(sc)
+    kth = np.partition(rank, len(rank) - k)[len(rank) - k]  # the k-th largest
+    above = np.flatnonzero(rank > kth)
+    tied = np.flatnonzero(rank == kth)[: k - len(above)]  # ties: lowest rows, as in the merge
+    return np.concatenate([above, tied])
+
+
 def _topk_merge(rows_a, sc_a, rows_b, sc_b, k: int):
-    """Top ``k`` by (score desc, row asc): deterministic under ties, whatever the blocking."""
+    """Top ``k`` by (score desc, row asc): deterministic under ties, whatever the blocking.
+
+    ``+inf`` (non-finite rows) ranks first; NaN ranks with it.
+    """
     rows = np.concatenate([rows_a, rows_b])
     sc = np.concatenate([sc_a, sc_b])
-    ok = ~np.isnan(sc)
-    rows, sc = rows[ok], sc[ok]
-    order = np.lexsort((rows, -sc.astype(np.float64)))[:k]
+    order = np.lexsort((rows, -_rank(sc)))[:k]
     return rows[order], sc[order]
 
 
@@ -306,25 +483,59 @@ class QueryResult:
         return self.summary["keys"][key]["top"]
 
     def scores(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Per-token scores of ``key`` for rows ``[start, stop)`` (float32)."""
-        arr = _open_array(_score_path(self.directory, self.keys.index(key), key), f"scores {key}")
-        return arr[start : self.rows if stop is None else min(stop, self.rows)].read().result()
+        """Per-token scores of ``key`` for rows ``[start, stop)`` (float32).
+
+        Raises:
+          StoreError: no such key, or the scores cannot be read (a damaged chunk).
+        """
+        if key not in self.keys:
+            raise StoreError(f"the query has no score key {key!r} (keys: {self.keys})")
+        what = f"scores of key {key!r}"
+        arr = _open_array(_score_path(self.directory, self.keys.index(key), key), what)
+        start = max(0, min(int(start), self.rows))
+        stop = max(start, self.rows if stop is None else min(int(stop), self.rows))
+        fail = lambda e: _read_error(e, self.directory, what, arr, start, stop)
+        return _result(arr[start:stop].read(), fail)
 
     def sequences(self) -> dict[str, np.ndarray]:
         """Per-sequence aggregates: ``sequence_id``, ``tokens``, ``label``, ``split`` and
-        ``max/<key>``, ``mean/<key>``."""
-        with np.load(os.path.join(self.directory, "sequences.npz")) as z:
-            return {k: z[k] for k in z.files}
+        ``max/<key>``, ``mean/<key>`` (read without pickle)."""
+        path = os.path.join(self.directory, "sequences.npz")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except Exception as e:  # OSError, ValueError (objects), zipfile.BadZipFile, zlib.error
+            raise StoreError(_clip(f"cannot read {path}: {one_line(e, 120)}")) from e
+
+
+def _load_json(path: str, what: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise StoreError(_clip(f"{path} ({what}) is not valid JSON: {one_line(e, 100)}")) from e
 
 
 def load_result(directory: str | os.PathLike) -> QueryResult:
-    """Opens the output of a finished :func:`score_store`."""
+    """Opens the output of a finished :func:`score_store`.
+
+    Raises:
+      StoreError: no ``summary.json``, or one that is not a query summary.
+    """
     directory = os.path.abspath(os.fspath(directory))
     path = os.path.join(directory, "summary.json")
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise StoreError(f"{directory} holds no finished query (no summary.json)")
-    with open(path) as f:
-        summary = json.load(f)
+    summary = _load_json(path, "a query summary")
+    ok = (
+        isinstance(summary, dict)
+        and isinstance(summary.get("rows"), int)
+        and summary["rows"] >= 0
+        and isinstance(summary.get("keys"), dict)
+        and all(isinstance(v, dict) for v in summary["keys"].values())
+    )
+    if not ok:
+        raise StoreError(f"{path} is not a jaxmon query summary")
     return QueryResult(directory, int(summary["rows"]), list(summary["keys"]), summary)
 
 
@@ -398,28 +609,39 @@ def score_store(
         holds several); monitors read the taps their score keys name.
       block_rows: rows per block (rounded to whole chunks and to a multiple of the device
         count); default ~32 MiB of activations.
-      top_k: how many of the most anomalous tokens to keep per key.
+      top_k: how many of the most anomalous tokens to keep per key (non-finite rows, which
+        score ``+inf``, come first).
       resume: continue an interrupted query in ``out`` (else start over).
       progress: show a progress bar on stderr (default: only on a terminal).
       devices: devices to split blocks over (default: ``jax.local_devices()``).
       callback: ``callback(rows_done, rows_total)`` after each committed block.
 
     Returns:
-      A :class:`QueryResult`.
+      A :class:`QueryResult`. Its summary holds per key ``nonfinite`` (rows holding NaN/inf in
+      any tap the key reads), ``nan`` (rows whose score is NaN, which no jaxmon estimator should
+      give), ``mean``/``std`` over finite scores and ``min``/``max`` over all but NaN.
 
     Raises:
-      StoreError: a truncated or inconsistent store, a missing tap, or an ``out`` directory
-        that holds a different query.
+      StoreError: a truncated, damaged or inconsistent store, a missing tap, an ``out`` that is
+        a file or a directory holding something other than a query, or that holds a different
+        query.
+      ConfigError: ``block_rows`` or ``top_k`` < 1, no devices, or not an estimator.
+      NotFittedError: a fitted value fitted on no rows.
     """
+    block_rows = _positive(block_rows, "block_rows", optional=True)
+    top_k = _positive(top_k, "top_k")
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise StoreError(f"out={out} is a file; score_store writes a directory there")
     store = _as_store(store)
     est, fitted, info = _resolve(est_or_checkpoint, fitted)
+    require_fitted(fitted, "score_store")
     taps, monitor = _plan(est, fitted, store, tap)
     mesh = _mesh(devices)
     n_dev = mesh.devices.size
     b = _block_rows(store, block_rows, n_dev)
     n = store.rows
     n_blocks = -(-n // b)
-    out = os.path.abspath(os.fspath(out))
     score_fn, row_sharding, rep = _scorer(est, monitor, taps, mesh)
     fitted_dev = jax.device_put(fitted, rep)
 
@@ -434,8 +656,12 @@ def score_store(
     }
     mask_abs = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=row_sharding)
     lowered = score_fn.lower(fitted_dev, abstract, mask_abs)
-    keys = list(lowered.out_info)
+    keys = list(lowered.out_info[0])
     score_fn = lowered.compile()
+    # The taps each key reads: its non-finite rows are those with a NaN/inf in any of them.
+    key_taps = {k: [t for t in _taps_of_key(k) if t in taps] or taps for k in keys}
+    if not monitor:
+        key_taps = {k: taps for k in keys}
     calibrated = _is_calibrated(fitted)
     query = {
         "format": "jaxmon-query",
@@ -453,40 +679,57 @@ def score_store(
     qpath, ppath = os.path.join(out, "query.json"), os.path.join(out, "progress.json")
     start_block = 0
     topk = {k: (np.zeros(0, np.int64), np.zeros(0, np.float32)) for k in keys}
+    nonfinite = dict.fromkeys(keys, 0)
     fresh = True
     if resume and os.path.exists(qpath) and os.path.exists(ppath):
-        with open(qpath) as f:
-            old = json.load(f)
-        if old != query:
+        if _load_json(qpath, "a query record") != query:
             raise StoreError(
                 f"{out} holds a different query (store, estimator, blocks or devices differ); "
                 "choose another output directory or pass resume=False"
             )
-        with open(ppath) as f:
-            prog = json.load(f)
-        start_block = int(prog["next_block"])
-        topk = {
-            k: (np.asarray(v["rows"], np.int64), np.asarray(v["scores"], np.float32))
-            for k, v in prog["topk"].items()
-        }
-        fresh = False
+        try:
+            prog = _load_json(ppath, "a query's progress record")
+            start_block = int(prog["next_block"])
+            topk = {
+                k: (np.asarray(v["rows"], np.int64), np.asarray(v["scores"], np.float32))
+                for k, v in prog["topk"].items()
+            }
+            nonfinite = {k: int(prog["nonfinite"][k]) for k in keys}
+            fresh = not 0 <= start_block <= n_blocks or set(topk) != set(keys)
+        except (KeyError, TypeError, ValueError):  # StoreError is a ValueError
+            # A record from an older jaxmon (no non-finite counts) or not one at all: the
+            # query starts over, which gives the same output.
+            fresh = True
+        if fresh:
+            start_block = 0
+            topk = {k: (np.zeros(0, np.int64), np.zeros(0, np.float32)) for k in keys}
+            nonfinite = dict.fromkeys(keys, 0)
     if fresh:
         import shutil
 
-        if os.path.exists(out):
+        if os.path.isdir(out) and os.listdir(out):
+            if not os.path.exists(qpath):
+                raise StoreError(
+                    f"out={out} is a directory that holds no jaxmon query; refusing to replace "
+                    "it: choose a new or empty directory"
+                )
             shutil.rmtree(out)
-        os.makedirs(out)
+        os.makedirs(out, exist_ok=True)
     outs = {}
     for i, k in enumerate(keys):
-        from jaxmon.io import _zarr3_spec  # the writer's array layout, in one place
-
+        # The writer's array layout (crc32c-checksummed chunks), in one place.
         spec = _zarr3_spec(_score_path(out, i, k), (n,), "float32", (b,))
         if not fresh:
             spec = {"driver": "zarr3", "kvstore": spec["kvstore"]}
-        outs[k] = ts.open(spec, open=not fresh).result()
+        try:
+            outs[k] = ts.open(spec, open=not fresh).result()
+        except Exception as e:
+            raise StoreError(
+                _clip(f"cannot open the scores of key {k!r} in {out}: {one_line(e, 120)}")
+            ) from e
     if fresh:
         _write_json_atomic(qpath, query)
-        _write_json_atomic(ppath, {"next_block": 0, "topk": _topk_json(topk)})
+        _write_json_atomic(ppath, _progress_json(0, topk, nonfinite))
 
     bar = _Progress(n, progress)
 
@@ -508,24 +751,37 @@ def score_store(
                 x = pad
             xs[t] = jax.device_put(x, row_sharding)
         mask = jax.device_put(np.arange(b) < valid, row_sharding)
-        scores = jax.device_get(score_fn(fitted_dev, xs, mask))
+        scores, finite = jax.device_get(score_fn(fitted_dev, xs, mask))
+        bad = {t: ~np.asarray(finite[t][:valid]) for t in taps}
         writes = []
         for k in keys:
             s = np.asarray(scores[k][:valid], np.float32)
-            writes.append(outs[k][lo : lo + valid].write(s))
-            part = np.argpartition(-s, min(top_k, valid) - 1)[:top_k] if valid > top_k else None
-            idx = np.arange(valid) if part is None else part
+            writes.append((k, outs[k][lo : lo + valid].write(s)))
+            idx = _block_topk(s, top_k)
             topk[k] = _topk_merge(*topk[k], lo + idx.astype(np.int64), s[idx], top_k)
-        for w in writes:
-            w.result()
+            nonfinite[k] += int(np.logical_or.reduce([bad[t] for t in key_taps[k]]).sum())
+        for k, w in writes:
+            try:
+                w.result()
+            except Exception as e:
+                raise StoreError(
+                    _clip(
+                        f"cannot write the scores of key {k!r}, rows {lo}-{lo + valid - 1}, to "
+                        f"{out}: {one_line(e, 120)}"
+                    )
+                ) from e
         # The block's scores are on disk: only now does the progress record move past it.
-        _write_json_atomic(ppath, {"next_block": i + 1, "topk": _topk_json(topk)})
+        _write_json_atomic(ppath, _progress_json(i + 1, topk, nonfinite))
         bar.update(lo + valid, start_block * b)
         if callback is not None:
             callback(lo + valid, n)
 
-    summary = _summarize(store, out, keys, outs, topk, b, fitted, calibrated, query)
+    summary = _summarize(store, out, keys, outs, topk, b, fitted, calibrated, query, nonfinite)
     return QueryResult(out, n, keys, summary)
+
+
+def _progress_json(next_block: int, topk, nonfinite: dict[str, int]) -> dict[str, Any]:
+    return {"next_block": next_block, "topk": _topk_json(topk), "nonfinite": dict(nonfinite)}
 
 
 def _topk_json(topk) -> dict[str, Any]:
@@ -536,13 +792,17 @@ def _topk_json(topk) -> dict[str, Any]:
     }
 
 
-def _summarize(store, out, keys, outs, topk, b, fitted, calibrated, query) -> dict[str, Any]:
+def _summarize(
+    store, out, keys, outs, topk, b, fitted, calibrated, query, nonfinite
+) -> dict[str, Any]:
     """Second, cheap pass over the written scores: per-sequence aggregates and statistics."""
     n = store.rows
     per_key = {
         k: {
             "sum": 0.0,
             "sumsq": 0.0,
+            "finite": 0,
+            "nan": 0,
             "min": np.inf,
             "max": -np.inf,
             "exceed": dict.fromkeys(FPRS, 0),
@@ -551,14 +811,29 @@ def _summarize(store, out, keys, outs, topk, b, fitted, calibrated, query) -> di
     }
     parts = []
     has_meta = "sequence_id" in store.meta
+
+    def read_scores(k: str, lo: int, hi: int) -> np.ndarray:
+        fail = lambda e: _read_error(e, out, f"scores of key {k!r}", outs[k], lo, hi)
+        return _result(outs[k][lo:hi].read(), fail).astype(np.float64)
+
     for lo in range(0, n, b):
         hi = min(n, lo + b)
-        blk = {k: outs[k][lo:hi].read().result().astype(np.float64) for k in keys}
+        blk = {k: read_scores(k, lo, hi) for k in keys}
         for k, s in blk.items():
             st = per_key[k]
-            st["sum"] += float(s.sum())
-            st["sumsq"] += float((s * s).sum())
-            st["min"], st["max"] = min(st["min"], float(s.min())), max(st["max"], float(s.max()))
+            # Moments over finite scores (one +inf row would make them meaningless); the
+            # non-finite rows are counted apart.
+            fin = np.isfinite(s)
+            f = s if fin.all() else s[fin]
+            st["finite"] += len(f)
+            st["sum"] += float(f.sum())
+            st["sumsq"] += float((f * f).sum())
+            nan = np.isnan(s)
+            st["nan"] += int(nan.sum())
+            num = s[~nan] if st["nan"] else s
+            if len(num):
+                st["min"] = min(st["min"], float(num.min()))
+                st["max"] = max(st["max"], float(num.max()))
             if calibrated:  # calibrated scores are -log10 p
                 for fpr in FPRS:
                     st["exceed"][fpr] += int(np.sum(s >= -np.log10(fpr)))
@@ -615,20 +890,29 @@ def _summarize(store, out, keys, outs, topk, b, fitted, calibrated, query) -> di
         top = []
         if has_meta and len(rows):
             # Top-k rows are few: one point read per column.
-            seq = store.meta["sequence_id"].vindex[rows].read().result().astype(np.int64)
-            pos = store.meta["position"].vindex[rows].read().result().astype(np.int64)
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            col = lambda c: _result(
+                store.meta[c].vindex[rows].read(),
+                lambda e: _read_error(
+                    e, store.directory, f"row metadata {c!r}", store.meta[c], lo, hi
+                ),
+            ).astype(np.int64)
+            seq, pos = col("sequence_id"), col("position")
         for j in range(len(rows)):
             item = {"row": int(rows[j]), "score": float(sc[j])}
             if has_meta:
                 item["sequence_id"], item["position"] = int(seq[j]), int(pos[j])
             top.append(item)
-        mean = st["sum"] / max(n, 1)
+        m = max(st["finite"], 1)
+        mean = st["sum"] / m
         info = {
             "top": top,
             "mean": mean,
-            "std": float(np.sqrt(max(st["sumsq"] / max(n, 1) - mean * mean, 0.0))),
+            "std": float(np.sqrt(max(st["sumsq"] / m - mean * mean, 0.0))),
             "min": st["min"],
             "max": st["max"],
+            "nonfinite": int(nonfinite[k]),
+            "nan": st["nan"],
         }
         if calibrated:
             info["exceedances"] = {str(f): c for f, c in st["exceed"].items()}
@@ -681,7 +965,17 @@ def fit_store(
 
     Returns:
       ``(state, example)``: the state and the ``init`` example (for checkpoints).
+
+    Raises:
+      StoreError: a missing tap or split, or rows that cannot be read (a damaged chunk).
+      ConfigError: ``block_rows`` < 1, or ``est`` is not an estimator.
     """
+    block_rows = _positive(block_rows, "block_rows", optional=True)
+    if not isinstance(est, Estimator):
+        raise ConfigError(
+            f"fit_store: expected a jaxmon Estimator (e.g. jaxmon.gaussian()), got "
+            f"{type(est).__name__}"
+        )
     store = _as_store(store)
     if monitor is None:
         monitor = est.spec.name == "monitor" or (

@@ -48,6 +48,7 @@ def _read(res: QueryResult, key: str, rows: np.ndarray) -> np.ndarray:
 
 
 def _auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    scores = np.where(np.isnan(scores), np.inf, scores)  # no number ranks as most anomalous
     ok = labels >= 0
     y = labels[ok] > 0
     if y.all() or not y.any():
@@ -117,7 +118,7 @@ def write_report(
         f"<code>{html.escape(res.summary['spec']['name'])}</code>"
         f"{' (calibrated: scores are -log10 p)' if res.summary.get('calibrated') else ''}.</p>",
         "<h2>Per key</h2><table><tr><th>key</th><th>mean</th><th>max</th>"
-        "<th>token AUROC</th><th>sequence AUROC (max)</th></tr>",
+        "<th>non-finite rows</th><th>token AUROC</th><th>sequence AUROC (max)</th></tr>",
     ]
     figs = []
     for i, key in enumerate(res.keys):
@@ -130,14 +131,17 @@ def write_report(
         else:
             trusted_s, query_s = np.zeros(0), s
         fig, ax = plt.subplots(figsize=(7, 3.2))
-        both = np.concatenate([trusted_s, query_s])
-        edges = np.histogram_bin_edges(both[np.isfinite(both)], bins=bins) if len(both) else bins
-        if len(trusted_s):
-            ax.hist(
-                trusted_s, edges, density=True, alpha=0.55, label=f"trusted ({len(trusted_s):,})"
-            )
-        if len(query_s):
-            ax.hist(query_s, edges, density=True, alpha=0.55, label=f"query ({len(query_s):,})")
+        # Non-finite scores (rows holding NaN/inf: +inf) have no bin; the legend counts them.
+        trusted_f, query_f = trusted_s[np.isfinite(trusted_s)], query_s[np.isfinite(query_s)]
+        both = np.concatenate([trusted_f, query_f])
+        edges = np.histogram_bin_edges(both, bins=bins) if len(both) else bins
+        for name, all_s, fin in (("trusted", trusted_s, trusted_f), ("query", query_s, query_f)):
+            if len(all_s):
+                off = len(all_s) - len(fin)
+                note = f", {off:,} non-finite not shown" if off else ""
+                ax.hist(
+                    fin, edges, density=True, alpha=0.55, label=f"{name} ({len(all_s):,}{note})"
+                )
         ax.set_xlabel("score (higher = more anomalous)")
         ax.set_ylabel("density")
         ax.set_title(key)
@@ -153,8 +157,10 @@ def write_report(
             seq_auc = _auroc(seqs[f"max/{key}"], seqs["label"])
         info = res.summary["keys"][key]
         fmt = lambda v: "–" if v is None else f"{v:.4f}"
+        nonfinite = info.get("nonfinite")  # absent in summaries of older versions
         parts.append(
             f"<tr><td>{html.escape(key)}</td><td>{info['mean']:.4g}</td><td>{info['max']:.4g}</td>"
+            f"<td>{'–' if nonfinite is None else f'{nonfinite:,}'}</td>"
             f"<td>{fmt(tok_auc)}</td><td>{fmt(seq_auc)}</td></tr>"
         )
     parts.append("</table>")
@@ -171,7 +177,8 @@ def write_report(
 
 def _top_sequences_html(res: QueryResult, store: Any, seqs: dict, k: int) -> list[str]:
     key = res.keys[0]
-    order = np.argsort(-seqs[f"max/{key}"], kind="stable")[:k]
+    top = seqs[f"max/{key}"]
+    order = np.argsort(-np.where(np.isnan(top), np.inf, top), kind="stable")[:k]
     tokens = store.tokens()
     parts = [
         f"<h2>Most anomalous sequences (max token score of {html.escape(key)})</h2>",

@@ -3,6 +3,11 @@ the importers (.npy, .npz, safetensors), read back through jaxmon.query.open_sto
 
 import json
 import os
+import struct
+import subprocess
+import sys
+import time
+import zipfile
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -10,6 +15,9 @@ import numpy as np
 import pytest
 
 from jaxmon import io, query
+from jaxmon.errors import ConfigError, ShapeError, StoreError
+
+from laws import json_field, sigkill_when
 
 try:
     import torch
@@ -97,16 +105,160 @@ def test_writer_bfloat16_from_every_framework(tmp_path, rng):
 def test_writer_errors(tmp_path, rng):
     with io.ActivationWriter(tmp_path / "st") as w:
         w.write({"a": np.zeros((4, 3), np.float32)})
-        with pytest.raises(ValueError, match="every write must give every tap"):
+        with pytest.raises(ConfigError, match="every write must give every tap"):
             w.write({"b": np.zeros((4, 3), np.float32)})
-        with pytest.raises(ValueError, match="same tokens"):
+        with pytest.raises(ShapeError, match="same tokens"):
             w.write({"a": np.zeros((4, 3), np.float32), "b": np.zeros((5, 3), np.float32)})
     with pytest.raises(FileExistsError, match="overwrite=True"):
         io.ActivationWriter(tmp_path / "st")
     w = io.ActivationWriter(tmp_path / "st2")
-    w.write({"a": np.zeros((4, 3), np.int32)})  # integer activations fail on the worker thread
-    with pytest.raises(RuntimeError, match="floating point"):
+    with pytest.raises(ShapeError, match=r"tap 'a': activations must be floating point.*int32"):
+        w.write({"a": np.zeros((4, 3), np.int32)})  # refused at the call, not on the worker
+    with pytest.raises(ConfigError, match="takes a dict"):
+        w.write(np.zeros((4, 3), np.float32))
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        io.ActivationWriter(tmp_path / "st3", dtype="int8")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.txt").write_text("years of work")
+    with pytest.raises(StoreError, match="holds no activation store; refusing to delete"):
+        io.ActivationWriter(tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "thesis.txt").exists()
+
+
+GOOD = 5000
+
+
+def _good_rows(rng):
+    return [rng.normal(size=(500, 6)).astype(np.float32) for _ in range(GOOD // 500)]
+
+
+BAD_WRITES = [
+    # (what the call gives, the error class, what its message must say)
+    ({"a": np.zeros((4, 5), np.float32), "b": np.zeros((4, 2), np.float32)}, {}, ShapeError,
+     r"tap 'a': expected \[\.\.\., 6\] \(the width of its first write\), got \[4, 5\]"),
+    ({"a": np.zeros((4, 6), np.int64), "b": np.zeros((4, 2), np.float32)}, {}, ShapeError,
+     "tap 'a': activations must be floating point"),
+    ({"a": np.zeros((4, 6), np.float32)}, {}, ConfigError, "every write must give every tap"),
+    ({"a": np.zeros((4, 6), np.float32), "b": np.zeros((3, 2), np.float32)}, {}, ShapeError,
+     "tap 'b' has leading shape"),
+    ({"a": np.zeros((2, 4, 6), np.float32), "b": np.zeros((2, 4, 2), np.float32)},
+     {"mask": np.ones((2, 5), bool)}, ShapeError, r"mask has shape \[2, 5\]"),
+    ({"a": np.zeros((2, 4, 6), np.float32), "b": np.zeros((2, 4, 2), np.float32)},
+     {"sequence_id": np.arange(3)}, ShapeError, r"sequence_id has shape \[3\]"),
+    ({"a": np.zeros((2, 4, 6), np.float32), "b": np.zeros((2, 4, 2), np.float32)},
+     {"position": np.zeros((4, 2), np.int32)}, ShapeError, r"position has shape \[4, 2\]"),
+    ({"a": np.zeros((2, 4, 6), np.float32), "b": np.zeros((2, 4, 2), np.float32)},
+     {"label": np.zeros(4, np.int32)}, ShapeError, r"label has shape \[4\]"),
+    ({"a": np.zeros((2, 4, 6), np.float32), "b": np.zeros((2, 4, 2), np.float32)},
+     {"label": np.zeros((2, 4), np.float32)}, ShapeError, "label must hold integers"),
+    ({"a": np.zeros((2, 4, 6), np.float32), "b": np.zeros((2, 4, 2), np.float32)},
+     {"tokens": [["x"] * 4, ["y"] * 3]}, ShapeError, r"tokens\[1\] has 3 entries"),
+    ({"a": np.zeros((4, 6), np.float32), "b": np.zeros((4, 2), np.float32)},
+     {"split": 3}, ConfigError, "split must be a name"),
+]  # fmt: skip
+
+
+def test_refused_writes_keep_the_good_rows(tmp_path, rng):
+    good = _good_rows(rng)
+    w = io.ActivationWriter(tmp_path / "st", chunk_rows=64, max_pending=2)
+    for i, x in enumerate(good):
+        w.write({"a": x, "b": x[:, :2]}, split="trusted", tokens=[f"t{i}"] * len(x))
+    for taps, kw, cls, msg in BAD_WRITES:
+        with pytest.raises(cls, match=msg) as e:
+            w.write(taps, **kw)
+        assert len(str(e.value)) <= 300
+    manifest = w.close()
+    assert manifest["rows"] == GOOD and manifest["complete"] and manifest["splits"] == ["trusted"]
+    store = query.open_store(tmp_path / "st")
+    np.testing.assert_array_equal(_read_all(store, "a"), np.concatenate(good))
+    np.testing.assert_array_equal(
+        store.read_meta("sequence_id", 0, GOOD), np.repeat(range(10), 500)
+    )
+    assert len(store.tokens()) == GOOD
+
+
+def test_error_inside_the_with_block_keeps_the_rows(tmp_path, rng):
+    good = _good_rows(rng)
+    with pytest.raises(ShapeError, match="width of its first write"):
+        with io.ActivationWriter(tmp_path / "st", chunk_rows=64) as w:
+            for x in good:
+                w.write({"a": x})
+            w.write({"a": np.zeros((3, 7), np.float32)})  # the mistake ends the block
+    store = query.open_store(tmp_path / "st")
+    assert store.rows == GOOD and store.complete
+    np.testing.assert_array_equal(_read_all(store, "a"), np.concatenate(good))
+
+
+def test_background_write_failure_keeps_committed_rows(tmp_path, rng):
+    """A chunk write that fails on disk: the committed rows stay readable, one StoreError."""
+    chunk = 32
+    w = io.ActivationWriter(tmp_path / "st", chunk_rows=chunk, commit_interval=0.01)
+    xs = [rng.normal(size=(chunk, 4)).astype(np.float32) for _ in range(40)]
+    for x in xs[:10]:
+        w.write({"a": x})
+    manifest = tmp_path / "st" / "manifest.json"
+    deadline = time.time() + 30
+    while json.loads(manifest.read_text())["rows"] < 10 * chunk:
+        assert time.time() < deadline, "the first ten chunks were never committed"
+        time.sleep(0.01)
+    # A file where chunk 12's directory must go: tensorstore cannot write it (even as root).
+    path = tmp_path / "st" / json.loads(manifest.read_text())["taps"]["a"]["path"] / "c" / "12"
+    path.write_bytes(b"in the way")
+    with pytest.raises(StoreError, match=r"writing activations to .* failed") as e:
+        for x in xs[10:]:
+            w.write({"a": x})
+            time.sleep(0.002)
         w.close()
+    if "keeps the" not in str(e.value):  # write() raised first; close() commits and says so
+        with pytest.raises(StoreError, match="keeps the") as e:
+            w.close()
+    assert e.value.__cause__ is not None and len(str(e.value)) <= 300
+    store = query.open_store(tmp_path / "st")
+    assert 10 * chunk <= store.rows <= 12 * chunk and not store.complete
+    np.testing.assert_array_equal(_read_all(store, "a"), np.concatenate(xs)[: store.rows])
+    with pytest.raises(StoreError, match="failed"):
+        w.write({"a": xs[0]})
+
+
+@pytest.mark.slow
+def test_killed_writer_leaves_a_readable_prefix(tmp_path):
+    sys.path.insert(0, os.path.dirname(__file__))
+    try:
+        from _kill_writer import CHUNK_ROWS, batch
+    finally:
+        sys.path.pop(0)
+    store_dir = tmp_path / "st"
+    script = os.path.join(os.path.dirname(__file__), "_kill_writer.py")
+    proc = subprocess.Popen(
+        [sys.executable, script, str(store_dir)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    # Kill well into the run, with several commits behind it.
+    committed = 8 * CHUNK_ROWS
+    sigkill_when(proc, lambda: json_field(store_dir / "manifest.json", "rows", 0) >= committed)
+    writes = int(proc.stdout.read().split()[-1]) + 1
+    store = query.open_store(store_dir)
+    n = store.rows
+    assert not store.complete and n >= committed and n % CHUNK_ROWS == 0
+    # What the writer was given, rebuilt: the store's rows are a prefix of it, bit for bit.
+    h, g, seq, pos, lab, spl, tok = [], [], [], [], [], [], []
+    for i in range(writes + 1):
+        taps, kw = batch(i)
+        keep = kw["mask"]
+        h.append(taps["h"][keep])
+        g.append(taps["g"][keep])
+        seq.append(np.broadcast_to(np.arange(4 * i, 4 * i + 4)[:, None], (4, 24))[keep])
+        pos.append(np.broadcast_to(np.arange(24), (4, 24))[keep])
+        lab.append(np.broadcast_to(kw["label"][:, None], (4, 24))[keep])
+        spl.append(np.full((4, 24), i % 2)[keep])
+        tok += list(np.asarray(kw["tokens"])[keep])
+    assert n <= sum(len(x) for x in h)
+    np.testing.assert_array_equal(_read_all(store, "h"), np.concatenate(h)[:n])
+    np.testing.assert_array_equal(_read_all(store, "g"), np.concatenate(g)[:n])
+    for name, ref in (("sequence_id", seq), ("position", pos), ("label", lab), ("split", spl)):
+        np.testing.assert_array_equal(store.read_meta(name, 0, n), np.concatenate(ref)[:n])
+    assert store.splits == ["trusted", "query"]
+    tokens = store.tokens()
+    assert sorted(tokens) == list(range(n)) and [tokens[r] for r in range(n)] == tok[:n]
 
 
 def test_import_npy_and_npz(tmp_path, rng):
@@ -154,5 +306,153 @@ def test_import_safetensors(tmp_path, rng):
     got = _read_all(st, "h")
     assert got.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(got.view(np.uint16), t.view(torch.int16).numpy().view(np.uint16))
-    with pytest.raises(KeyError, match="no tap 'nope'"):
+    with pytest.raises(StoreError, match="no tap 'nope'"):
         io.import_safetensors(tmp_path / "s4", tmp_path / "x.safetensors", taps=["nope"])
+
+
+# ----------------------------------------------------------------- loaders never run code
+
+
+class _RunsCode:
+    """Unpickling this creates a directory: proof that a loader executed code from a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _live_pickle(path, marker, save):
+    """Saves an object array whose unpickling would run code, and proves that it would."""
+    save(path, np.array([[_RunsCode(marker)], [None]], dtype=object))
+    loaded = np.load(path, allow_pickle=True)  # what an unsafe loader would do
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        loaded = loaded[loaded.files[0]]
+    assert os.path.isdir(marker), "the crafted file must really run code when unpickled"
+    os.rmdir(marker)
+
+
+def test_npy_holding_pickled_objects_is_refused_without_running_code(tmp_path):
+    marker = tmp_path / "code_ran"
+    _live_pickle(tmp_path / "evil.npy", marker, lambda p, a: np.save(p, a, allow_pickle=True))
+    with pytest.raises(StoreError, match="holds Python objects") as e:
+        io.import_npy(tmp_path / "s", {"h": tmp_path / "evil.npy"})
+    assert not marker.exists() and len(str(e.value)) <= 300
+    # Other crafted .npy files: garbage, truncated data, integers.
+    (tmp_path / "junk.npy").write_bytes(b"\x93NUMPY\x01\x00{'descr': os.system('x')}\n")
+    with pytest.raises(StoreError, match=r"not a valid \.npy"):
+        io.import_npy(tmp_path / "s", {"h": tmp_path / "junk.npy"})
+    np.save(tmp_path / "ok.npy", np.ones((64, 4), np.float32))
+    raw = (tmp_path / "ok.npy").read_bytes()
+    (tmp_path / "short.npy").write_bytes(raw[: len(raw) - 100])
+    with pytest.raises(StoreError, match="cannot be read"):
+        io.import_npy(tmp_path / "s", {"h": tmp_path / "short.npy"})
+    np.save(tmp_path / "int.npy", np.ones((64, 4), np.int32))
+    with pytest.raises(ShapeError, match="tap 'h': activations must be floating point"):
+        io.import_npy(tmp_path / "s", {"h": tmp_path / "int.npy"})
+    assert not marker.exists()
+
+
+def test_npz_holding_pickled_objects_is_refused_without_running_code(tmp_path):
+    marker = tmp_path / "code_ran"
+    x = np.ones((8, 4), np.float32)
+    for member in ("h", "label"):  # a tap, and a row-metadata member (read whole)
+        path = tmp_path / f"evil_{member}.npz"
+        _live_pickle(path, marker, lambda p, a, m=member: np.savez(p, **{m: a}))
+        if member == "label":  # add a good tap next to the evil label
+            with zipfile.ZipFile(path, "a") as zf, zf.open("h.npy", "w") as f:
+                np.lib.format.write_array(f, x)
+        with pytest.raises(StoreError, match="holds Python objects"):
+            io.import_npz(tmp_path / "s", path)
+        assert not marker.exists()
+    (tmp_path / "junk.npz").write_bytes(b"PK not really a zip")
+    with pytest.raises(StoreError, match=r"is not an \.npz \(zip\) file"):
+        io.import_npz(tmp_path / "s", tmp_path / "junk.npz")
+    # One flipped bit in a member's data: the zip's CRC refuses it, in one sentence.
+    np.savez(tmp_path / "ok.npz", h=np.arange(4096, dtype=np.float32).reshape(1024, 4))
+    raw = bytearray((tmp_path / "ok.npz").read_bytes())
+    raw[len(raw) // 2] ^= 1
+    (tmp_path / "flipped.npz").write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match=r"member 'h\.npy' cannot be read"):
+        io.import_npz(tmp_path / "s", tmp_path / "flipped.npz", block_rows=4096)
+    with pytest.raises(StoreError, match="no tap 'nope'"):
+        io.import_npz(tmp_path / "s", tmp_path / "ok.npz", taps=["nope"])
+
+
+def _safetensors_file(path, header, data=b"", *, length=None):
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    n = len(raw) if length is None else length
+    path.write_bytes(struct.pack("<Q", n) + raw + data)
+    return path
+
+
+def test_import_safetensors_written_by_hand(tmp_path, rng):
+    x = rng.normal(size=(40, 6)).astype(np.float32)
+    lab = np.arange(40, dtype=np.int64) % 2
+    header = {
+        "__metadata__": {"format": "pt"},
+        "h": {"dtype": "F32", "shape": [40, 6], "data_offsets": [0, x.nbytes]},
+        "label": {"dtype": "I64", "shape": [40], "data_offsets": [x.nbytes, x.nbytes + 320]},
+    }
+    path = _safetensors_file(tmp_path / "x.safetensors", header, x.tobytes() + lab.tobytes())
+    io.import_safetensors(tmp_path / "s", path, chunk_rows=16)
+    st = query.open_store(tmp_path / "s")
+    assert list(st.taps) == ["h"]
+    np.testing.assert_array_equal(_read_all(st, "h"), x)
+    np.testing.assert_array_equal(st.read_meta("label", 0, 40), lab)
+
+
+def test_import_safetensors_from_the_reference_writer(tmp_path, rng):
+    st_numpy = pytest.importorskip("safetensors.numpy")
+    h = rng.normal(size=(50, 6)).astype(np.float16)
+    st_numpy.save_file(
+        {"h": h, "g": np.ones((50, 3), np.float32), "position": np.arange(50)[::-1].copy()},
+        str(tmp_path / "x.safetensors"),
+    )
+    io.import_safetensors(tmp_path / "s", tmp_path / "x.safetensors", taps=["h"], chunk_rows=16)
+    st = query.open_store(tmp_path / "s")
+    np.testing.assert_array_equal(_read_all(st, "h"), h)
+    np.testing.assert_array_equal(st.read_meta("position", 0, 50), np.arange(50)[::-1])
+
+
+CRAFTED_SAFETENSORS = [
+    # (header, data, claimed header length, error class, message)
+    ({"h": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 16, 1 << 62,
+     StoreError, "the safetensors header claims"),
+    ({"h": {"dtype": "F32", "shape": [2, 2], "data_offsets": [-8, 8]}}, b"\0" * 16, None,
+     StoreError, "data offsets"),
+    ({"h": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 1 << 40]}}, b"\0" * 16, None,
+     StoreError, "outside the file"),
+    ({"h": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 16]}}, b"\0" * 16, None,
+     StoreError, "needs 64"),
+    ({"h": {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}}, b"\0" * 16, None,
+     StoreError, "invalid shape"),
+    ({"h": {"dtype": "Q99", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 16, None,
+     StoreError, "unsupported dtype 'Q99'"),
+    ({"h": "not a tensor"}, b"", None, StoreError, "has no dtype entry"),
+    ([1, 2, 3], b"", None, StoreError, "not a JSON object"),
+    (b'{"h": {"dtype": "F3', b"", None, StoreError, "not JSON"),
+    (b"\xff\xfe\x00", b"", None, StoreError, "not JSON"),
+    ({"h": {"dtype": "I32", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 16, None,
+     ShapeError, "tap 'h': activations must be floating point"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(len(CRAFTED_SAFETENSORS)))
+def test_crafted_safetensors_give_one_sentence(tmp_path, case):
+    header, data, length, cls, msg = CRAFTED_SAFETENSORS[case]
+    path = _safetensors_file(tmp_path / "x.safetensors", header, data, length=length)
+    with pytest.raises(cls, match=msg) as e:
+        io.import_safetensors(tmp_path / "s", path)
+    assert len(str(e.value)) <= 300
+
+
+def test_truncated_safetensors(tmp_path):
+    (tmp_path / "tiny.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(StoreError, match="shorter than its 8-byte header"):
+        io.import_safetensors(tmp_path / "s", tmp_path / "tiny.safetensors")
+    header = {"h": {"dtype": "F32", "shape": [8, 2], "data_offsets": [0, 64]}}
+    path = _safetensors_file(tmp_path / "cut.safetensors", header, b"\0" * 40)  # 24 bytes short
+    with pytest.raises(StoreError, match="outside the file's 40 data bytes"):
+        io.import_safetensors(tmp_path / "s", path)

@@ -4,10 +4,8 @@ truncated stores."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +14,9 @@ import pytest
 
 import jaxmon
 from jaxmon import checkpoint, io, query
+from jaxmon.errors import ConfigError, NotFittedError, StoreError
+
+from laws import json_field, sigkill_when
 
 D = 8
 
@@ -148,6 +149,91 @@ def test_checkpoint_path_progress_and_errors(store, tmp_path, capsys):
         query.score_store(store, str(tmp_path / "ck"), out=tmp_path / "q", tap="h", block_rows=64)
 
 
+def test_nonfinite_rows_are_counted_and_lead_the_top_k(tmp_path, rng):
+    """Rows holding NaN/inf score +inf, lead top-k (ties by row) and are counted per key."""
+    x = rng.normal(size=(500, D)).astype(np.float32)
+    g = rng.normal(size=(500, 3)).astype(np.float32)
+    bad_h = [3, 77, 300, 301, 499]
+    bad_g = [10, 300]
+    x[bad_h[:3], 2] = np.nan
+    x[bad_h[3:], 0] = np.inf
+    g[bad_g[0], 1] = -np.inf
+    g[bad_g[1], 0] = np.nan
+    with io.ActivationWriter(tmp_path / "st", chunk_rows=32) as w:
+        w.write({"h": x, "g": g})
+    mon = jaxmon.monitor({"*": jaxmon.gaussian(shrinkage=0.1)})
+    clean = {"h": jnp.asarray(rng.normal(size=(400, D)), jnp.float32),
+             "g": jnp.asarray(rng.normal(size=(400, 3)), jnp.float32)}  # fmt: skip
+    fitted = mon.finalize(mon.update(mon.init(clean), clean))
+    results = [
+        query.score_store(tmp_path / "st", mon, fitted, out=tmp_path / f"q{b}", block_rows=b,
+                          top_k=k)
+        for b, k in ((64, 8), (256, 3))
+    ]  # fmt: skip
+    for res in results:
+        want = {"h": bad_h, "g": bad_g}
+        for key in ("h", "g"):
+            info = res.summary["keys"][key]
+            assert info["nonfinite"] == len(want[key]) and info["nan"] == 0
+            top = res.top(key)
+            lead = min(len(top), len(want[key]))
+            assert [t["row"] for t in top[:lead]] == want[key][:lead]
+            assert all(t["score"] == np.inf for t in top[:lead])
+            scores = res.scores(key)
+            assert np.isfinite(info["mean"]) and info["max"] == np.inf
+            np.testing.assert_allclose(info["mean"], scores[np.isfinite(scores)].mean(), 1e-5)
+    assert results[0].top("h")[:3] == results[1].top("h")  # the same whatever the blocking
+
+
+def test_top_k_keeps_nan_and_orders_inf_whatever_the_blocking():
+    rng = np.random.default_rng(1)
+    s = rng.normal(size=1000).astype(np.float32)
+    s[[5, 500, 900]] = np.inf
+    s[[7, 600]] = np.nan  # no jaxmon estimator gives NaN, but it must never vanish
+    s[rng.choice(1000, 50)] = 2.5  # many ties at the boundary
+    want = None
+    for block in (1, 7, 64, 1000):
+        rows, sc = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        for lo in range(0, 1000, block):
+            blk = s[lo : lo + block]
+            idx = query._block_topk(blk, 20)
+            rows, sc = query._topk_merge(rows, sc, lo + idx, blk[idx], 20)
+        if want is None:
+            want = rows
+            assert rows[:5].tolist() == [5, 7, 500, 600, 900]  # inf and NaN first, by row
+            assert np.isnan(sc[1]) and np.isnan(sc[3]) and np.all(sc[[0, 2, 4]] == np.inf)
+        np.testing.assert_array_equal(rows, want)
+
+
+def test_score_store_refuses_bad_arguments_at_the_call(store, tmp_path):
+    est, state, _ = _fit(store)
+    fitted = est.finalize(state)
+    for kw, msg in (
+        ({"block_rows": 0}, "block_rows must be a positive integer, got 0"),
+        ({"block_rows": -64}, "block_rows must be a positive integer"),
+        ({"top_k": 0}, "top_k must be a positive integer, got 0"),
+        ({"devices": []}, "devices is empty"),
+    ):
+        with pytest.raises(ConfigError, match=msg):
+            query.score_store(store, est, fitted, out=tmp_path / "q", tap="h", **kw)
+    with pytest.raises(ConfigError, match="block_rows must be a positive integer"):
+        query.fit_store(store, est, tap="h", block_rows=0)
+    with pytest.raises(ConfigError, match="expected a jaxmon Estimator"):
+        query.fit_store(store, jaxmon.gaussian, tap="h")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="is a file; score_store writes a directory"):
+        query.score_store(store, est, fitted, out=tmp_path / "file", tap="h")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="holds no jaxmon query; refusing to replace it"):
+        query.score_store(store, est, fitted, out=tmp_path / "mine", tap="h")
+    assert (tmp_path / "mine" / "notes.txt").exists()
+    empty = jax.jit(est.finalize)(est.init(jax.ShapeDtypeStruct((D,), jnp.float32)))
+    with pytest.raises(NotFittedError, match="score_store"):
+        query.score_store(store, est, empty, out=tmp_path / "q", tap="h")
+    assert not (tmp_path / "q").exists()  # refused before anything was written
+
+
 def test_truncated_stores_give_clear_errors(store, tmp_path):
     manifest = json.loads((store / "manifest.json").read_text())
     chunk = store / manifest["taps"]["h"]["path"] / "c" / "3" / "0"
@@ -190,23 +276,7 @@ def test_killed_query_resumes_bit_identically(tmp_path, rng):
     script = os.path.join(os.path.dirname(__file__), "_kill_query.py")
     cmd = [sys.executable, script, str(tmp_path / "store"), str(ck), str(out), "64", "0.3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        done = 0
-        while done < 3:
-            assert proc.poll() is None, "the query ended before it could be killed"
-            assert time.time() < deadline
-            try:
-                done = json.loads((out / "progress.json").read_text())["next_block"]
-            except (FileNotFoundError, json.JSONDecodeError, KeyError):
-                pass
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(proc, lambda: json_field(out / "progress.json", "next_block", 0) >= 3)
     killed_at = json.loads((out / "progress.json").read_text())["next_block"]
     assert 3 <= killed_at < 40  # 2,560 rows in blocks of 64
     calls = []
