@@ -385,11 +385,16 @@ def threshold(fitted: CalibratedFitted | QuantilesFitted, *, fpr: float = 0.01):
     return jax.tree.map(lambda qf: quantile(qf, 1.0 - float(fpr)), sketches, is_leaf=_is_sketch)
 
 
-_METHODS = ("fisher", "bonferroni", "min_p", "tippett")
+_METHODS = ("fisher", "bonferroni", "min_p", "tippett", "cauchy")
 
 
 def combine(
-    p_values, *, method: str = "fisher", axis: int | None = None, log: bool = False
+    p_values,
+    *,
+    method: str = "fisher",
+    axis: int | None = None,
+    log: bool = False,
+    log_inputs: bool = False,
 ) -> jax.Array:
     """Combines the p-values of many taps into one p-value per row (jittable).
 
@@ -402,18 +407,23 @@ def combine(
         taps, valid for independent taps, anti-conservative for correlated ones);
         ``"bonferroni"`` or its alias ``"min_p"`` (the minimum p with Bonferroni's correction,
         ``min(1, k · min p)``: valid under any dependence, sensitive to one strong tap);
-        ``"tippett"`` (``1 - (1 - min p)^k``, Šidák: exact for independent taps).
+        ``"tippett"`` (``1 - (1 - min p)^k``, Šidák: exact for independent taps);
+        ``"cauchy"`` (Liu & Xie 2020: ``T = mean tan((1/2 − p) π)``, ``p = 1/2 − arctan(T)/π``:
+        the Cauchy tail makes it approximately valid under arbitrary dependence between taps
+        for small p, while it still pools evidence like Fisher).
       axis: the tap axis when ``p_values`` is one array.
       log: return the natural log of the combined p-value instead. It never underflows: strong
         evidence spread over many taps gives Fisher p-values far below float32's smallest
         number (``1e-38``), where the plain p-value is 0 and ``-log10`` of it infinite.
+      log_inputs: ``p_values`` are natural-log p-values (``jaxmon.p_values(..., log=True)``),
+        so evidence beyond float32's range is not clamped before it is combined.
 
     Returns:
       The combined p-value (or its natural log); ``-log10`` of it is one calibrated score
-      (higher = more anomalous).
+      (higher = more anomalous). A p-value of 0 (a row holding NaN/inf) combines to 0.
 
     Raises:
-      ValueError: an unknown ``method`` or no p-values.
+      ConfigError: an unknown ``method`` or no p-values.
       ShapeError: the taps' p-values differ in shape.
     """
     if method not in _METHODS:
@@ -432,16 +442,16 @@ def combine(
             raise ShapeError(f"combine: every tap's p-values must share one shape, got {shapes}")
         p = jnp.stack([jnp.asarray(v, jnp.float32) for v in leaves], axis=0)
         axis = 0
-    return _combine(p, method, axis, log)
+    return _combine(p, method, axis, log, log_inputs)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _combine(p: jax.Array, method: str, axis: int, log: bool) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _combine(p: jax.Array, method: str, axis: int, log: bool, log_inputs: bool) -> jax.Array:
     k = p.shape[axis]
-    # p = 0 would give -log 0 = inf; conformal p-values are never 0, clamp raw inputs anyway.
-    p = jnp.clip(p, jnp.finfo(jnp.float32).tiny, 1.0)
+    # Everything in log space: p-values far below float32's range keep their evidence.
+    lp = jnp.minimum(p, 0.0) if log_inputs else jnp.log(jnp.clip(p, 0.0, 1.0))
     if method == "fisher":
-        x = -jnp.sum(jnp.log(p), axis=axis)  # half the chi2(2k) statistic -2 Σ log p
+        x = -jnp.sum(lp, axis=axis)  # half the chi2(2k) statistic -2 Σ log p
         if not log:
             # chi2(2k) survival function = regularised upper incomplete gamma Q(k, x).
             return jax.scipy.special.gammaincc(jnp.float32(k), x)
@@ -451,11 +461,40 @@ def _combine(p: jax.Array, method: str, axis: int, log: bool) -> jax.Array:
         lx = jnp.broadcast_to(jnp.log(x)[..., None], i.shape)
         terms = jnp.where(i == 0, 0.0, i * lx) - jax.scipy.special.gammaln(i + 1)
         return -x + jax.scipy.special.logsumexp(terms, axis=-1)
-    pmin = jnp.min(p, axis=axis)
+    if method == "cauchy":
+        return _cauchy(jnp.moveaxis(lp, axis, 0), log)
+    lmin = jnp.min(lp, axis=axis)
     if method == "tippett":
-        # 1 - (1 - p)^k without cancellation for small p: -expm1(k log1p(-p)).
-        q = -jnp.expm1(k * jnp.log1p(-pmin))
-        return jnp.log(q) if log else q
-    if log:
-        return jnp.minimum(0.0, jnp.log(jnp.float32(k)) + jnp.log(pmin))
-    return jnp.minimum(1.0, k * pmin)
+        # 1 - (1 - p)^k without cancellation for small p: -expm1(k log1p(-p)); below 1e-9 its
+        # log is log k + log p to float32 precision (and that form cannot underflow).
+        q = -jnp.expm1(k * jnp.log1p(-jnp.exp(lmin)))
+        lq = jnp.where(lmin < -20.0, jnp.log(jnp.float32(k)) + lmin, jnp.log(q))
+        return lq if log else jnp.exp(lq)
+    lb = jnp.minimum(0.0, jnp.log(jnp.float32(k)) + lmin)
+    return lb if log else jnp.exp(lb)
+
+
+def _cauchy(lp: jax.Array, log: bool) -> jax.Array:
+    """Cauchy combination (equal weights) of log p-values ``lp[k, ...]``."""
+    k = lp.shape[0]
+    p = jnp.exp(lp)
+    # tan((1/2 - p) π) = 1 / tan(p π) for p < 1/2 (no cancellation in 1/2 - p); below 1e-13 it
+    # is 1 / (π p) to float32 precision, kept as a log so that it cannot overflow.
+    small = lp < -30.0
+    t = jnp.where(p < 0.5, 1.0 / jnp.tan(jnp.pi * p), -jnp.tan((p - 0.5) * jnp.pi))
+    t = jnp.where(small, 0.0, t)
+    log_big = jnp.where(small, -lp - jnp.log(jnp.pi), -jnp.inf)
+    # T = (Σ t + Σ exp(log_big)) / k, with the huge terms kept in log space.
+    lse = jax.scipy.special.logsumexp(log_big, axis=0)
+    rest = jnp.sum(t, axis=0)
+    any_big = jnp.any(small, axis=0)
+    # Where some term is huge: log T = lse + log1p(rest / e^lse) - log k, and p ≈ 1 / (π T).
+    log_t = lse + jnp.log1p(rest * jnp.exp(-jnp.where(any_big, lse, 0.0))) - jnp.log(1.0 * k)
+    log_huge = -jnp.log(jnp.pi) - log_t
+    tt = rest / k
+    plain = 0.5 - jnp.arctan(tt) / jnp.pi
+    # For large T, 1/2 - arctan(T)/π = arctan(1/T)/π keeps its digits.
+    plain = jnp.where(tt > 1.0, jnp.arctan(1.0 / tt) / jnp.pi, plain)
+    out_log = jnp.where(any_big, log_huge, jnp.log(plain))
+    out_log = jnp.where(jnp.any(jnp.isneginf(lp), axis=0), -jnp.inf, out_log)
+    return out_log if log else jnp.exp(out_log)

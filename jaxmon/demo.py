@@ -603,12 +603,11 @@ def score(args) -> int:
     )
     tok = {k: raw.scores(k).reshape(-1, seq_len) for k in raw.keys}
     summary["scored_rows"] = int(min(np.isfinite(v).sum() for v in tok.values()))
-    pvals = {k: 10.0 ** (-calq.scores(k).astype(np.float64)) for k in calq.keys}
+    # Calibrated scores are -log10 p: their natural logs, combined in log space (the p-values
+    # of very anomalous tokens are far below float32's range).
+    logps = {k: jnp.asarray(-np.log(10.0) * calq.scores(k), jnp.float32) for k in calq.keys}
     for method in ("fisher", "bonferroni"):
-        # In log space: the p-values of very anomalous tokens underflow float32.
-        logp = jaxmon.combine(
-            {k: jnp.asarray(v) for k, v in pvals.items()}, method=method, log=True
-        )
+        logp = jaxmon.combine(logps, method=method, log=True, log_inputs=True)
         tok[f"all taps:combined({method})"] = (-np.asarray(logp) / np.log(10)).reshape(-1, seq_len)
     score_s = time.perf_counter() - t0
 

@@ -120,9 +120,12 @@ def test_strong_anomalies_stay_ordered_past_the_calibration_set():
     assert np.all(np.diff(p) < 0), p  # strictly decreasing: no tie at the floor
     scores = np.asarray(cal.score(f, jnp.asarray(q)))
     assert np.all(np.diff(scores) > 0), scores
-    # Combined evidence keeps the order too (Fisher over two copies of the same tap).
-    lp = jaxmon.combine({"a": p, "b": p}, log=True)
-    assert np.all(np.diff(np.asarray(lp)) < 0)
+    # Combined evidence keeps the order too (two copies of the same tap), in log space even
+    # where the p-values themselves leave float32's range.
+    lp1 = jaxmon.p_values(f, jnp.asarray(q * 10), log=True)
+    for method in ("fisher", "bonferroni", "cauchy"):
+        lp = jaxmon.combine({"a": lp1, "b": lp1}, method=method, log=True, log_inputs=True)
+        assert np.all(np.isfinite(lp)) and np.all(np.diff(np.asarray(lp)) < 0), (method, lp)
 
 
 # --------------------------------------------------------------------------- 4 and 6. checkpoints

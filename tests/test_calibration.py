@@ -307,3 +307,28 @@ def test_calibrated_detectors_example_prints_real_numbers(capsys):
         assert fpr < 0.02, (name, fpr)
     seq = re.findall(r"sequences=(\S+) ((?:auroc\[\S+\]=[\d.]+ ?)+)", out)
     assert {s for s, _ in seq} == {"max", "mean", "max_rolling_mean"}
+
+
+@pytest.mark.parametrize("k", [2, 7])
+def test_cauchy_combination_matches_float64_and_log_inputs_keep_the_evidence(k):
+    rng = np.random.default_rng(k)
+    # From very small to near 1, including p-values whose tan((1/2 - p) π) is huge.
+    p = 10.0 ** rng.uniform(-12, 0, size=(k, 200))
+    t = np.mean(np.tan((0.5 - p) * np.pi), axis=0)
+    want = 0.5 - np.arctan(t) / np.pi
+    want = np.where(t > 1, np.arctan(1 / t) / np.pi, want)
+    got = np.asarray(jaxmon.combine(jnp.asarray(p, jnp.float32), method="cauchy", axis=0))
+    np.testing.assert_allclose(got, want, rtol=2e-4)
+    # Log inputs: the same numbers, and evidence beyond float32's range is not clamped.
+    for method in ("fisher", "bonferroni", "tippett", "cauchy"):
+        lp = jnp.asarray(np.log(p), jnp.float32)
+        a = np.asarray(jaxmon.combine(lp, method=method, axis=0, log=True, log_inputs=True))
+        b = np.asarray(jaxmon.combine(jnp.asarray(p, jnp.float32), method=method, axis=0, log=True))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        far = jnp.asarray(np.full((k, 3), -1.0) * np.array([200.0, 400.0, 800.0]), jnp.float32)
+        lf = np.asarray(jaxmon.combine(far, method=method, axis=0, log=True, log_inputs=True))
+        assert np.all(np.isfinite(lf)) and np.all(np.diff(lf) < 0), (method, lf)
+    # A p-value of 0 (a row holding NaN/inf) combines to 0 by every rule.
+    zero = jnp.asarray(np.r_[0.0, np.full(k - 1, 0.5)], jnp.float32)
+    for method in ("fisher", "bonferroni", "tippett", "cauchy"):
+        assert float(jaxmon.combine(zero, method=method)) == 0.0, method
