@@ -25,6 +25,7 @@ from jaxmon._base import (
 from jaxmon._calibration import *
 from jaxmon._compare import *
 from jaxmon._monitor import *
+from jaxmon._rank import *
 from jaxmon._taps import *
 from jaxmon.errors import (
     CheckpointError,
@@ -44,6 +45,7 @@ from jaxmon.estimators.frequent_directions import *
 from jaxmon.estimators.gaussian import GaussianFitted, gaussian
 from jaxmon.estimators.mixture import *
 from jaxmon.estimators.pca_residual import *
+from jaxmon.estimators.probe import *
 from jaxmon.estimators.quantiles import *
 from jaxmon.estimators.reservoir import *
 from jaxmon.estimators.transition import *

@@ -8,6 +8,13 @@ Which reduction: ``"max"`` flags a sequence with one very odd token (a trigger);
 ``"mean"`` flags a sequence that is mildly odd throughout (a distribution shift);
 ``"max_rolling_mean"`` sits in between: the most anomalous stretch of ``window`` consecutive
 tokens, robust to one noisy token but sensitive to a short anomalous span.
+
+One p-value per sequence: a sequence aggregate is not a token score, so a token's p-value must
+not be reused for it (the max over 200 tokens of a null score is far larger than one token's).
+:func:`sequence_null` sketches the aggregates of *held-out clean sequences* (one quantile
+sketch per key, :func:`jaxmon.quantiles`: mergeable, relative-error, with the fitted tail past
+the largest one), and :func:`sequence_p_values` turns query sequences' aggregates into their
+own p-values, which :func:`jaxmon.combine` combines across keys.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import jax.numpy as jnp
 from jaxmon._base import ShapeError
 from jaxmon.errors import ConfigError
 
-__all__ = ["sequence_scores"]
+__all__ = ["sequence_scores", "sequence_null", "sequence_p_values"]
 
 _REDUCTIONS = ("max", "mean", "max_rolling_mean")
 
@@ -135,3 +142,51 @@ def _aggregate(v, ids, mask, n, reduce, window, fill):
         # A sequence shorter than the window has no full window: use its mean.
         out = jnp.where(jnp.isneginf(best), mean, best)
     return jnp.where(empty, jnp.float32(fill), out)
+
+
+def sequence_null(seq_scores: Any, *, relative_accuracy: float = 0.01) -> Any:
+    """The null distribution of sequence aggregates: one quantile sketch per score key.
+
+    Args:
+      seq_scores: aggregates ``[sequences]`` of held-out *clean* sequences (e.g. from
+        :func:`sequence_scores` of raw token scores), or a pytree of them (one per key).
+      relative_accuracy: of the sketches (:func:`jaxmon.quantiles`).
+
+    Returns:
+      A pytree (like ``seq_scores``) of :class:`~jaxmon.QuantilesFitted`.
+
+    Raises:
+      NotFittedError: a key without any finite aggregate.
+    """
+    from jaxmon.estimators.quantiles import quantiles
+
+    sk = quantiles(relative_accuracy=relative_accuracy)
+
+    def one(v):
+        v = jnp.asarray(v, jnp.float32).reshape(-1)
+        return sk.finalize(sk.update(sk.init(jax.ShapeDtypeStruct((), jnp.float32)), v))
+
+    return jax.tree.map(one, seq_scores)
+
+
+def sequence_p_values(null: Any, seq_scores: Any, *, log: bool = False) -> Any:
+    """p-values of sequences' aggregates against :func:`sequence_null` of clean sequences.
+
+    Conformal up to the largest clean aggregate, the fitted generalized Pareto tail beyond it
+    (:func:`jaxmon.upper_tail`), so the strongest sequences stay ordered.
+
+    Args:
+      null: from :func:`sequence_null` (same keys as ``seq_scores``).
+      seq_scores: aggregates ``[sequences]`` of the query sequences (same reduction).
+      log: return natural-log p-values (never underflow).
+
+    Returns:
+      p-values (or their logs) with the structure of ``seq_scores``.
+    """
+    from jaxmon.estimators.quantiles import QuantilesFitted, log_upper_tail
+
+    def one(f, v):
+        lp = log_upper_tail(f, jnp.asarray(v, jnp.float32))
+        return lp if log else jnp.exp(lp)
+
+    return jax.tree.map(one, null, seq_scores, is_leaf=lambda x: isinstance(x, QuantilesFitted))

@@ -41,6 +41,20 @@ class UpdateFn(Protocol):
     ) -> State: ...
 
 
+class LabelledUpdateFn(Protocol):
+    """The update of an estimator that learns from labels (``spec.supervised``)."""
+
+    def __call__(
+        self,
+        state: State,
+        x: Array,
+        *,
+        mask: Array | None = None,
+        weights: Array | None = None,
+        labels: Array | None = None,
+    ) -> State: ...
+
+
 class MergeFn(Protocol):
     def __call__(self, a: State, b: State) -> State: ...
 
@@ -63,15 +77,23 @@ class EstimatorSpec:
         combinators) are stored as their own spec dicts.
       mergeable: False for estimators that learn by gradient, whose merge is an approximation
         (averaged parameters) rather than an exact summary.
+      supervised: True for estimators whose ``update`` takes ``labels=`` (probes, and
+        combinators holding one): 0 = trusted, 1 = flagged, -1 = unknown. Combinators give
+        labels to supervised estimators and turn them into a mask of trusted rows for the
+        others (:func:`label_kwargs`), so flagged rows never shape what "normal" means.
     """
 
     name: str
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     mergeable: bool = True
+    supervised: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec as plain JSON-compatible dicts."""
-        return {"name": self.name, "params": _jsonable(self.params), "mergeable": self.mergeable}
+        """The spec as plain JSON-compatible dicts (``supervised`` only when True)."""
+        out = {"name": self.name, "params": _jsonable(self.params), "mergeable": self.mergeable}
+        if self.supervised:
+            out["supervised"] = True
+        return out
 
     def to_json(self) -> str:
         """The spec as a canonical JSON string; ``jaxmon.from_spec`` rebuilds the estimator."""
@@ -108,7 +130,9 @@ class Estimator(NamedTuple):
       init: ``(example: ShapeDtypeStruct | array [..., d]) -> State``, the empty summary.
       update: ``(state, x[..., d], *, mask=None, weights=None) -> State``. Leading axes are
         flattened into rows; rows where ``mask`` is False count as absent; rows holding any
-        NaN/inf are excluded and counted (``jaxmon.num_nonfinite``).
+        NaN/inf are excluded and counted (``jaxmon.num_nonfinite``). Estimators that learn
+        from labels (``spec.supervised``) also take ``labels=`` ``[...]`` int: 0 = trusted,
+        1 = flagged, -1 = unknown (:class:`LabelledUpdateFn`).
       merge: ``(state, state) -> State``: associative, commutative, ``init`` is its identity.
       finalize: ``(state) -> Fitted``: the non-mergeable work, done once.
       score: ``(fitted, x[..., d], *, mask=None) -> [...]``: one score per row, higher = more
@@ -339,6 +363,45 @@ def check_rows(
     m = None if mask is None else jnp.asarray(mask).reshape(-1).astype(bool)
     w = None if weights is None else jnp.asarray(weights).reshape(-1)
     return rows, m, w
+
+
+def check_labels(labels: Any, lead: tuple[int, ...], *, name: str) -> Array:
+    """Validates ``labels[...]`` (the rows' leading shape, integers) and flattens them.
+
+    Raises:
+      ShapeError: wrong shape or a non-integer dtype.
+    """
+    lab = labels if isinstance(labels, jax.Array | jax.core.Tracer) else jnp.asarray(labels)
+    if tuple(lab.shape) != tuple(lead):
+        raise ShapeError(
+            f"{name}: labels must have the leading shape of the activations {list(lead)}, got "
+            f"{list(lab.shape)} (0 = trusted, 1 = flagged, -1 = unknown)"
+        )
+    if not (jnp.issubdtype(lab.dtype, jnp.integer) or lab.dtype == jnp.bool_):
+        raise ShapeError(
+            f"{name}: labels must be integers (0 = trusted, 1 = flagged, -1 = unknown), got "
+            f"{lab.dtype}"
+        )
+    return lab.reshape(-1).astype(jnp.int32)
+
+
+def trusted_mask(mask: Array | None, labels: Array | None) -> Array | None:
+    """The rows an unsupervised estimator may fold: ``mask`` and (when labelled) label 0."""
+    if labels is None:
+        return mask
+    trusted = jnp.asarray(labels) == 0
+    return trusted if mask is None else jnp.asarray(mask).astype(bool) & trusted
+
+
+def label_kwargs(est: Estimator, mask: Array | None, labels: Array | None) -> dict[str, Any]:
+    """Keyword arguments for ``est.update``: labels for a supervised estimator, else a mask.
+
+    Unsupervised estimators fold only trusted rows (label 0, or every row when no labels are
+    given), so flagged examples never contaminate their statistics.
+    """
+    if labels is not None and est.spec.supervised:
+        return {"mask": mask, "labels": labels}
+    return {"mask": trusted_mask(mask, labels)}
 
 
 def valid_rows(rows: Array, mask: Array | None) -> tuple[Array, Array]:

@@ -60,7 +60,9 @@ from jaxmon._base import (
     _words_to_int,
     from_spec,
     is_traced,
+    label_kwargs,
     register,
+    trusted_mask,
 )
 from jaxmon.errors import ConfigError, NotFittedError
 from jaxmon.estimators.quantiles import (
@@ -194,6 +196,7 @@ def calibrated(
         "calibrated",
         {"estimator": inner.spec.to_dict(), "relative_accuracy": float(relative_accuracy)},
         mergeable=inner.spec.mergeable,
+        supervised=inner.spec.supervised,
     )
     spec_json = spec.to_json()
     _INNER.setdefault(spec_json, inner)
@@ -219,12 +222,15 @@ def calibrated(
         return jax.tree.unflatten(treedef, new)
 
     @jax.jit
-    def update(state: CalibratedState, x, *, mask=None, weights=None) -> CalibratedState:
+    def update(state: CalibratedState, x, *, mask=None, weights=None, labels=None):
         def fit(st: CalibratedState) -> CalibratedState:
-            return st._replace(inner=inner.update(st.inner, x, mask=mask, weights=weights))
+            kw = label_kwargs(inner, mask, labels)
+            return st._replace(inner=inner.update(st.inner, x, weights=weights, **kw))
 
         def calibrate(st: CalibratedState) -> CalibratedState:
-            return st._replace(scores=fold_scores(st.scores, st.fitted, x, mask, weights))
+            # The null distribution is that of trusted rows only: flagged rows never enter it.
+            trusted = trusted_mask(mask, labels)
+            return st._replace(scores=fold_scores(st.scores, st.fitted, x, trusted, weights))
 
         return jax.lax.cond(state.phase == 0, fit, calibrate, state)
 

@@ -31,7 +31,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxmon._base import Estimator, EstimatorSpec, ShapeError, from_spec, register
+from jaxmon._base import (
+    Estimator,
+    EstimatorSpec,
+    ShapeError,
+    from_spec,
+    label_kwargs,
+    register,
+)
 from jaxmon.errors import ConfigError, MissingTapError, NotFittedError
 
 __all__ = ["monitor", "every_k", "EveryKState"]
@@ -92,21 +99,25 @@ def every_k(estimator: Estimator | Mapping[str, Any], k: int) -> Estimator:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"every_k: k must be an integer >= 1, got {k!r}")
     spec = EstimatorSpec(
-        "every_k", {"estimator": inner.spec.to_dict(), "k": k}, mergeable=inner.spec.mergeable
+        "every_k",
+        {"estimator": inner.spec.to_dict(), "k": k},
+        mergeable=inner.spec.mergeable,
+        supervised=inner.spec.supervised,
     )
 
     def init(example) -> EveryKState:
         return EveryKState(_fresh(inner.init(example)), jnp.zeros((), jnp.uint32))
 
     @jax.jit
-    def update(state: EveryKState, x, *, mask=None, weights=None) -> EveryKState:
+    def update(state: EveryKState, x, *, mask=None, weights=None, labels=None) -> EveryKState:
         due = (state.calls % jnp.uint32(k)) == 0
+        kw = label_kwargs(inner, mask, labels)
         if k == 1:
-            new = inner.update(state.inner, x, mask=mask, weights=weights)
+            new = inner.update(state.inner, x, weights=weights, **kw)
         else:
             new = jax.lax.cond(
                 due,
-                lambda s: inner.update(s, x, mask=mask, weights=weights),
+                lambda s: inner.update(s, x, weights=weights, **kw),
                 lambda s: s,
                 state.inner,
             )
@@ -262,6 +273,7 @@ def monitor(
         "monitor",
         {"config": _rules_spec(rules), "stacked": stacked},
         mergeable=all(e.spec.mergeable for r in rules for _, e in r.detectors),
+        supervised=any(e.spec.supervised for r in rules for _, e in r.detectors),
     )
     # key -> entry, filled by every plan; merge/finalize have no taps to plan from.
     known: dict[str, _Entry] = {}
@@ -435,7 +447,9 @@ def monitor(
                 ) from None
         return _fresh(out)
 
-    def update(state: dict[str, Any], taps: Mapping[str, Any], *, mask=None, weights=None):
+    def update(
+        state: dict[str, Any], taps: Mapping[str, Any], *, mask=None, weights=None, labels=None
+    ):
         virt, entries = resolve(list(state), taps, "update")
         new = dict(state)
         singles, rest = groups_of(entries, virt)
@@ -446,8 +460,9 @@ def monitor(
             xs = layer_slice(taps[src], layers)
             st = stack([state[e.key] for e, _ in members])
             try:
+                kw = label_kwargs(e0.est, mask, labels)
                 st = jax.vmap(
-                    lambda s, x, est=e0.est: est.update(s, x, mask=mask, weights=weights)
+                    lambda s, x, est=e0.est, kw=kw: est.update(s, x, weights=weights, **kw)
                 )(st, xs)
             except ShapeError as err:
                 raise ShapeError(
@@ -459,7 +474,10 @@ def monitor(
         for e in rest:
             try:
                 new[e.key] = e.est.update(
-                    state[e.key], tap_x(e, taps, virt), mask=mask, weights=weights
+                    state[e.key],
+                    tap_x(e, taps, virt),
+                    weights=weights,
+                    **label_kwargs(e.est, mask, labels),
                 )
             except ShapeError as err:
                 raise tap_error(e, err, taps, virt) from None
@@ -521,9 +539,16 @@ def monitor(
 
     jit_update, jit_score = jax.jit(update), jax.jit(score)
 
-    def update_checked(state, taps, *, mask=None, weights=None):
+    def update_checked(state, taps, *, mask=None, weights=None, labels=None):
         checked("update", taps)
-        return jit_update(state, taps, mask=mask, weights=weights)
+        if labels is not None:
+            labels = jnp.asarray(labels)
+            if not (jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == jnp.bool_):
+                raise ShapeError(
+                    "monitor.update: labels must be integers with the taps' leading shape "
+                    f"(0 = trusted, 1 = flagged, -1 = unknown), got {labels.dtype}"
+                )
+        return jit_update(state, taps, mask=mask, weights=weights, labels=labels)
 
     def score_checked(fitted, taps, *, mask=None):
         checked("score", taps)

@@ -23,6 +23,7 @@ __all__ = [
     "recall_at_fpr",
     "roc_curve",
     "bootstrap_ci",
+    "bootstrap_auroc",
     "ConfidenceInterval",
 ]
 
@@ -150,3 +151,47 @@ def bootstrap_ci(
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(stats, [alpha, 1.0 - alpha])
     return ConfidenceInterval(float(metric(s, y)), float(low), float(high))
+
+
+def bootstrap_auroc(
+    scores, labels, *, n_boot: int = 200, seed: int = 0, level: float = 0.95
+) -> ConfidenceInterval:
+    """:func:`bootstrap_ci` of :func:`auroc`, in O(n) per resample (for millions of rows).
+
+    The same stratified percentile bootstrap, computed without re-sorting: the rows are sorted
+    once into groups of tied scores; a resample only changes how many copies of each row it
+    holds, and the Mann–Whitney statistic of weighted rows is
+    ``Σ_g P_g (N_{<g} + N_g / 2) / (P N)`` over the groups ``g`` (``P_g``, ``N_g``: resampled
+    anomalies and normals in the group). Equal to :func:`auroc` of the resampled rows.
+
+    Returns:
+      A :class:`ConfidenceInterval` ``(auroc, low, high)``.
+    """
+    if not 0.0 < level < 1.0:
+        raise ConfigError(f"bootstrap_auroc: level must lie in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ConfigError(f"bootstrap_auroc: n_boot must be >= 1, got {n_boot}")
+    s, y = _check(scores, labels)
+    order = np.argsort(s, kind="stable")
+    ss, ys = s[order], y[order]
+    group = np.r_[0, np.cumsum(ss[1:] != ss[:-1])]
+    n_groups = int(group[-1]) + 1
+    gp, gn = group[ys], group[~ys]
+    p, n = gp.size, gn.size
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_boot)
+    for b in range(n_boot):
+        wp = np.bincount(rng.integers(0, p, p), minlength=p).astype(np.float64)
+        wn = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+        stats[b] = _weighted_auroc(gp, wp, gn, wn, n_groups)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(stats, [alpha, 1.0 - alpha])
+    full = _weighted_auroc(gp, np.ones(p), gn, np.ones(n), n_groups)
+    return ConfidenceInterval(float(full), float(low), float(high))
+
+
+def _weighted_auroc(gp, wp, gn, wn, n_groups: int) -> float:
+    pg = np.bincount(gp, wp, n_groups)
+    ng = np.bincount(gn, wn, n_groups)
+    below = np.cumsum(ng) - ng
+    return float(np.sum(pg * (below + 0.5 * ng)) / (wp.sum() * wn.sum()))

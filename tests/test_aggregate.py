@@ -74,3 +74,21 @@ def test_errors():
         jaxmon.sequence_scores(jnp.zeros(5), ids, num_segments=2)
     with pytest.raises(jaxmon.ShapeError, match="integers"):
         jaxmon.sequence_scores(s, jnp.zeros(4), num_segments=2)
+
+
+def test_sequence_p_values_are_calibrated_on_clean_sequences():
+    # Null aggregates: the max over 50 tokens of N(0, 1); token-level p-values would call
+    # every sequence anomalous, sequence-level ones are uniform on clean sequences.
+    rng = np.random.default_rng(0)
+    tok = rng.normal(size=(4000, 50)).astype(np.float32)
+    ids = np.repeat(np.arange(4000), 50).astype(np.int32)
+    agg = jaxmon.sequence_scores(jnp.asarray(tok.reshape(-1)), jnp.asarray(ids), num_segments=4000)
+    np.testing.assert_allclose(np.asarray(agg), tok.max(1), rtol=1e-6)
+    null = jaxmon.sequence_null({"k": agg[:2000]})
+    p = np.asarray(jaxmon.sequence_p_values(null, {"k": agg[2000:]})["k"])
+    for a in (0.01, 0.05, 0.2, 0.5):
+        assert abs(np.mean(p <= a) - a) < 0.02 + a * 0.1, (a, np.mean(p <= a))
+    # Beyond the clean sequences: strictly decreasing, log p never underflows.
+    far = jnp.asarray([10.0, 20.0, 40.0, 1e4], jnp.float32)
+    lp = np.asarray(jaxmon.sequence_p_values(null, {"k": far}, log=True)["k"])
+    assert np.all(np.diff(lp) < 0) and np.all(np.isfinite(lp))
