@@ -77,6 +77,7 @@ __all__ = [
     "calibrated",
     "begin_calibration",
     "p_values",
+    "p_values_of_scores",
     "threshold",
     "combine",
     "CalibratedState",
@@ -144,14 +145,41 @@ def _leaf_masks(scores: Any, mask: Any, *, what: str) -> list[Any]:
 def _log_p_values_of(inner: Estimator, fitted: CalibratedFitted, x, mask) -> Any:
     """Natural-log p-values of ``x``'s inner scores (0 on masked rows)."""
     s = inner.score(fitted.inner, x, mask=mask)
-    leaves, treedef = jax.tree.flatten(s)
+    return _log_p_of_scores(fitted, s, _leaf_masks(s, mask, what="p_values"))
+
+
+def _log_p_of_scores(fitted: CalibratedFitted, scores: Any, masks: list[Any]) -> Any:
+    leaves, treedef = jax.tree.flatten(scores)
     sketches = jax.tree.leaves(fitted.scores, is_leaf=_is_sketch)
-    masks = _leaf_masks(s, mask, what="p_values")
+    if len(sketches) != len(leaves):
+        raise ShapeError(
+            f"calibrated: {len(leaves)} score arrays for {len(sketches)} calibrated keys; give "
+            f"the raw scores with the inner scores' structure {jax.tree.structure(fitted.scores)}"
+        )
     out = []
     for sk, sc, mk in zip(sketches, leaves, masks, strict=True):
         lp = log_upper_tail(sk, sc)
         out.append(lp if mk is None else jnp.where(mk, lp, jnp.zeros((), lp.dtype)))
     return jax.tree.unflatten(treedef, out)
+
+
+def p_values_of_scores(fitted: CalibratedFitted, scores: Any, *, log: bool = False) -> Any:
+    """p-values of raw inner scores already computed (no rescoring; jittable).
+
+    ``calibrated(est).score`` and :func:`p_values` score the rows with the inner estimator and
+    look the scores up in the calibration sketches; when the raw scores are at hand (a batch
+    query that keeps them), this does the lookup alone, so the rows are scored once.
+
+    Args:
+      fitted: a :class:`CalibratedFitted`.
+      scores: raw inner scores with the inner scores' structure (e.g. ``{key: [...]}``).
+      log: return natural-log p-values.
+
+    Returns:
+      p-values (or their logs) with the structure of ``scores``; ``+inf``/NaN scores give 0.
+    """
+    lp = _log_p_of_scores(fitted, scores, [None] * len(jax.tree.leaves(scores)))
+    return lp if log else jax.tree.map(jnp.exp, lp)
 
 
 @register("calibrated")

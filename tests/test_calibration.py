@@ -332,3 +332,12 @@ def test_cauchy_combination_matches_float64_and_log_inputs_keep_the_evidence(k):
     zero = jnp.asarray(np.r_[0.0, np.full(k - 1, 0.5)], jnp.float32)
     for method in ("fisher", "bonferroni", "tippett", "cauchy"):
         assert float(jaxmon.combine(zero, method=method)) == 0.0, method
+
+
+def test_p_values_of_stored_raw_scores_equal_p_values_of_the_rows(gaussian_calibration):
+    _, inner, f, fresh = gaussian_calibration
+    raw = inner.score(f.inner, fresh)
+    np.testing.assert_array_equal(
+        np.asarray(jaxmon.p_values_of_scores(f, raw, log=True)),
+        np.asarray(jaxmon.p_values(f, fresh, log=True)),
+    )
