@@ -121,7 +121,9 @@ def main() -> None:
         f = est.finalize(s)
         ej = _errors(
             lambda q, f=f: np.asarray(jaxmon.quantile(f, jnp.asarray(q, jnp.float32)), np.float64),
-            lambda v, f=f: np.asarray(jaxmon.rank(f, jnp.asarray(v, jnp.float32)), np.float64),
+            lambda v, f=f: np.asarray(
+                jaxmon.quantile_rank(f, jnp.asarray(v, jnp.float32)), np.float64
+            ),
             x,
         )
         ek = _errors(

@@ -96,7 +96,7 @@ def bench_fd(a, peak: float) -> None:
     c = (x - x.mean(0)).T @ (x - x.mean(0))
     b = np.asarray(s.sketch, np.float64)
     err = np.linalg.norm(c - b.T @ b, 2)
-    bound = float(jaxmon.error_bound(s))
+    bound = float(jaxmon.sketch_error_bound(s))
     print(
         f"jaxmon ‖C − BᵀB‖₂ = {err:.5g}, error_bound = {bound:.5g} (ratio {err / bound:.5f}; "
         f"float32 rounding allows ~1e-5·tr C = {1e-5 * np.trace(c):.3g}), ‖C‖₂ = "

@@ -93,7 +93,7 @@ def test_bound_against_exact_svd_after_merges_in_any_order(rng):
     eig = np.sort(np.linalg.eigvalsh(c))[::-1]
     tol = 1e-5 * eig.sum()
     for order, s in _merge_orders(est, parts).items():
-        delta = float(jaxmon.error_bound(s))
+        delta = float(jaxmon.sketch_error_bound(s))
         err = c - _gram(s)
         ev = np.linalg.eigvalsh(err)
         # 0 ≼ C − BᵀB ≼ Δ·I: the sketch never overstates the covariance, by at most Δ.
@@ -115,7 +115,7 @@ def test_low_rank_stream_is_captured_exactly(rng):
     s = est.update(est.init(x[0]), jnp.asarray(x))
     x64 = x.astype(np.float64)
     c = (x64 - x64.mean(0)).T @ (x64 - x64.mean(0))
-    assert float(jaxmon.error_bound(s)) <= 1e-5 * np.trace(c)
+    assert float(jaxmon.sketch_error_bound(s)) <= 1e-5 * np.trace(c)
     np.testing.assert_allclose(_gram(s), c, atol=2e-5 * np.trace(c))
 
 
@@ -136,8 +136,8 @@ def test_fitted_sketch_components_and_scores(rng):
     lam, exact = np.asarray(f.eigenvalues, np.float64), w[::-1][:ell]
     tol = 1e-5 * w.sum()
     assert np.all(lam <= exact + tol)
-    assert np.all(lam >= exact - float(jaxmon.error_bound(f)) - tol)
-    assert float(jaxmon.error_bound(f)) < exact[0]  # and the guarantee is not vacuous
+    assert np.all(lam >= exact - float(jaxmon.sketch_error_bound(f)) - tol)
+    assert float(jaxmon.sketch_error_bound(f)) < exact[0]  # and the guarantee is not vacuous
     # Score = squared residual outside the top-2 sketched directions (float64 reference).
     q = decaying_rows(rng, 30, d, mean=50.0) * 1.5
     vk = v[:2]
@@ -187,7 +187,7 @@ def test_bad_hyperparameters(sketch_size, rank):
 def test_error_bound_rejects_other_states():
     est = jaxmon.gaussian()
     with pytest.raises(TypeError, match="Frequent Directions"):
-        jaxmon.error_bound(est.init(jax.ShapeDtypeStruct((3,), jnp.float32)))
+        jaxmon.sketch_error_bound(est.init(jax.ShapeDtypeStruct((3,), jnp.float32)))
 
 
 def test_empty_state_can_be_donated(rng):

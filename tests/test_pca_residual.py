@@ -81,7 +81,7 @@ def test_sketch_source_matches_numpy_ppca_of_its_own_spectrum_and_the_exact_subs
     x64 = x.astype(np.float64)
     cov = np.cov(x64.T, bias=True)
     w = np.sort(np.linalg.eigvalsh(cov))[::-1]
-    bound = float(jaxmon.error_bound(s)) / len(x)
+    bound = float(jaxmon.sketch_error_bound(s)) / len(x)
     lam = np.asarray(f.eigenvalues, np.float64)
     tol = 1e-5 * np.trace(cov)
     # FD: the sketch's λ̂_i lie in [λ_i − Δ/W, λ_i]; the fitted variances add ρ ∈ [0, Δ/W].

@@ -47,7 +47,7 @@ def _check_quantile_bound(fitted, x32: np.ndarray, qs: np.ndarray, alpha: float)
 
 
 def _check_rank_bound(fitted, x32: np.ndarray, probes: np.ndarray, r: float) -> None:
-    est = np.asarray(jaxmon.rank(fitted, jnp.asarray(probes, jnp.float32)), np.float64)
+    est = np.asarray(jaxmon.quantile_rank(fitted, jnp.asarray(probes, jnp.float32)), np.float64)
     xs = np.sort(x32.astype(np.float64))
     p = probes.astype(np.float32).astype(np.float64)
     slack = r * np.abs(p) * (1 + 1e-6)
@@ -214,7 +214,7 @@ def test_empty_sketch_and_invalid_settings():
     # Under jit nothing can raise: an empty fit answers NaN, never a confident p = 1.
     f = jax.jit(est.finalize)(est.init(SCALAR))
     assert np.isnan(float(jaxmon.quantile(f, 0.5)))
-    assert float(jaxmon.rank(f, 1.0)) == 0.0
+    assert float(jaxmon.quantile_rank(f, 1.0)) == 0.0
     assert np.isnan(float(jaxmon.upper_tail(f, 1.0)))
     assert np.isnan(float(est.score(f, jnp.asarray([1.0], jnp.float32))[0]))
     with pytest.raises(ValueError, match="relative_accuracy"):

@@ -251,7 +251,7 @@ def frequent_directions(*, sketch_size: int, rank: int | None = None) -> Estimat
     Example:
       >>> est = jaxmon.frequent_directions(sketch_size=64)
       >>> s = est.update(est.init(jax.ShapeDtypeStruct((8192,), jnp.bfloat16)), acts)
-      >>> jaxmon.error_bound(s)  # ‖C − BᵀB‖₂ ≤ this
+      >>> jaxmon.sketch_error_bound(s)  # ‖C − BᵀB‖₂ ≤ this
     """
     return _frequent_directions(int(sketch_size), rank)
 
