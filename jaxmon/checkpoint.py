@@ -29,6 +29,10 @@ may write that step number again.
 complete; the digest record is written last. A process killed at any point of a save leaves
 the previous steps intact.
 
+**Many processes.** Under ``jax.distributed`` :func:`save` is collective (see its docstring);
+:func:`load` into this process's own devices (the default) is done by each process alone
+(orbax's ``active_processes``), into a global mesh by all processes together.
+
 The items also splice into a user's own ``ocp.CheckpointManager`` next to the model and
 optimizer with :func:`save_args` / :func:`restore_args` / :func:`restored`; call :func:`seal`
 after such a save so that :func:`load` can read (and verify) the jaxmon items directly.
@@ -776,14 +780,48 @@ def seal(directory: str | os.PathLike, step: int) -> str:
 # --------------------------------------------------------------------------- directory API
 
 
-def _manager(directory: str, *, create: bool) -> ocp.CheckpointManager:
+def _manager(directory: str, *, create: bool, alone: bool = True) -> ocp.CheckpointManager:
+    """An orbax manager of ``directory``.
+
+    ``alone``: in a multi-process job, this process runs the manager by itself (orbax's
+    ``active_processes={this process}``): for reading a checkpoint into this process's own
+    devices, and for the single writer of a state every process holds whole. Otherwise every
+    process of the job takes part (states sharded over a global mesh).
+    """
+    multiprocessing = None
+    if alone and jax.process_count() > 1:
+        me = jax.process_index()
+        multiprocessing = ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"jaxmon_p{me}"
+        )
+        if create:  # orbax leaves the root to us when a manager runs on some processes only
+            os.makedirs(directory, exist_ok=True)
     options = ocp.CheckpointManagerOptions(
-        create=create,
+        create=create and multiprocessing is None,
         # Leftovers of a save killed mid-way are removed when a manager opens the directory.
         cleanup_tmp_directories=create,
         enable_async_checkpointing=False,
+        multiprocessing_options=multiprocessing or ocp.options.MultiprocessingOptions(),
     )
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _replicated_globally(tree: Any) -> Any:
+    """``tree`` with every array held by this process alone made a global replicated array.
+
+    Every process must hold the same values (the same call on every process); arrays already
+    spread over a global mesh are left as they are.
+    """
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
+    everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def put(x: Any) -> Any:
+        if not getattr(x, "is_fully_addressable", True):
+            return x
+        local = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(local.shape, everywhere, lambda idx: local[idx])
+
+    return jax.tree_util.tree_map(put, tree)
 
 
 def _all_steps(root: str) -> list[int]:
@@ -847,6 +885,14 @@ def save(
 ) -> str:
     """Saves ``state`` (and ``fitted``) of ``est`` as step ``step`` under ``directory``.
 
+    Under ``jax.distributed`` every process makes the same call, and orbax writes the step
+    with all of them: a state that every process holds whole (arrays on its own devices, the
+    same values everywhere, e.g. the result of a multi-process
+    :func:`jaxmon.query.fit_store`) is first made a replicated array of the whole job (so it
+    is written once), a state sharded over a global mesh is written shard by shard. Process 0
+    seals the step, and every process returns once it is sealed (or raises when the save
+    failed anywhere).
+
     Args:
       directory: the checkpoint root (one subdirectory per step, orbax layout).
       est: the estimator; its spec is stored so :func:`load` needs no user code.
@@ -872,6 +918,41 @@ def save(
         )
     args = save_args(est, state, fitted=fitted, example=example, step=step, metadata=metadata)
     step_dir = _step_dir(root, step)
+    processes = jax.process_count()
+    if processes > 1:
+        # orbax writes arrays of a global mesh only: a state every process holds whole (e.g.
+        # from a multi-process fit_store) becomes replicated over every device of the job,
+        # and orbax writes it once.
+        args = {
+            k: ocp.args.StandardSave(_replicated_globally(v.item))
+            if isinstance(v, ocp.args.StandardSave)
+            else v
+            for k, v in args.items()
+        }
+    err = None
+    try:
+        _save_step(root, step, step_dir, args)
+    except CheckpointError as e:
+        err = e
+    if processes == 1:
+        if err is not None:
+            raise err
+        return step_dir
+    from jaxmon.io import all_gather_ints
+
+    # Every process returns once the step is sealed, or raises when process 0 failed.
+    failed = [i for i, (bad,) in enumerate(all_gather_ints([err is not None])) if bad]
+    if err is not None:
+        raise err
+    if failed:
+        raise _error(
+            f"process {failed[0]} could not save step {step} to {_short(root)} (its error says why)"
+        )
+    return step_dir
+
+
+def _save_step(root: str, step: int, step_dir: str, args: dict[str, Any]) -> None:
+    """Writes one step (every process) and seals it (process 0)."""
     if os.path.isdir(step_dir):
         if _is_sealed(root, step):
             raise _error(f"step {step} already exists in {_short(root)}")
@@ -888,18 +969,13 @@ def save(
         # An interrupted jaxmon save (finalized by orbax, never sealed): replace it.
         shutil.rmtree(step_dir)
     try:
-        with _manager(root, create=True) as mngr:
+        with _manager(root, create=True, alone=False) as mngr:
             mngr.save(step, args=ocp.args.Composite(**args))
             mngr.wait_until_finished()
     except Exception as e:
         raise _error(f"cannot save step {step} to {_short(root)} ({one_line(e, 120)})") from e
     if jax.process_index() == 0:
         seal(root, step)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"jaxmon_checkpoint_seal_{step}")
-    return step_dir
 
 
 def steps(directory: str | os.PathLike) -> list[int]:
@@ -986,8 +1062,15 @@ def load(
         targets["jaxmon_fitted"] = ocp.args.StandardRestore(
             _with_shardings(abstract_fitted, fitted_sharding)
         )
+    # Into this process's own devices every process reads by itself; into a global mesh
+    # every process takes part in one restore.
+    alone = all(
+        leaf.sharding.is_fully_addressable
+        for target in targets.values()
+        for leaf in jax.tree_util.tree_leaves(target.item)
+    )
     try:
-        with _manager(root, create=False) as mngr:
+        with _manager(root, create=False, alone=alone) as mngr:
             out = mngr.restore(step, args=ocp.args.Composite(**targets))
     except Exception as e:
         raise _error(f"orbax cannot restore {where} ({one_line(e, 120)})") from e

@@ -27,6 +27,19 @@ The same in JSON (any file not ending in ``.toml``)::
 
 Estimator names are those of ``jaxmon.registered()``; their parameters are the factories'
 keyword arguments.
+
+Many processes: ``fit`` and ``score`` run unchanged as the N processes of a ``jax.distributed``
+job (each its own devices, the store and outputs on a file system all of them see), e.g.::
+
+    jaxmon fit cfg.toml STORE -o CK --coordinator host0:1234 --num-processes 2 --process-id 0
+    jaxmon fit cfg.toml STORE -o CK --coordinator host0:1234 --num-processes 2 --process-id 1
+
+The flags default to the environment variables ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; ``--coordinator auto`` (or only
+``JAX_COORDINATOR_ADDRESS``) leaves the rest to jax's cluster detection (Slurm, Open MPI,
+Cloud TPU, Kubernetes). ``jax.distributed`` is initialised before anything else touches a
+device; blocks are split over the processes and the results (checkpoint, scores, summary) are
+those of one process. Only process 0 prints.
 """
 
 from __future__ import annotations
@@ -65,6 +78,63 @@ def _writable_dir(path: str, flag: str = "-o") -> None:
     """Refuses an output path that exists as a file, before any work is done."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise CliError(f"{flag} {path} is an existing file; give a directory path")
+
+
+def _distributed(args) -> None:
+    """Joins the ``jax.distributed`` job the flags or environment describe (if any).
+
+    Must run before anything touches a JAX device (jax refuses to initialise afterwards).
+    """
+    if args.command not in ("fit", "score"):
+        return  # the other commands read one checkpoint or query: one process
+    coordinator = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num, pid = args.num_processes, args.process_id
+    try:
+        num = num if num is not None else _env_int("JAX_NUM_PROCESSES")
+        pid = pid if pid is not None else _env_int("JAX_PROCESS_ID")
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if coordinator is None and num is None and pid is None:
+        return  # one process, as always
+    if coordinator is None:
+        raise CliError(
+            "--num-processes/--process-id need --coordinator HOST:PORT (process 0's address), "
+            "or --coordinator auto for jax's cluster detection"
+        )
+    kwargs: dict[str, Any] = {}
+    if coordinator != "auto":
+        kwargs["coordinator_address"] = coordinator
+    if num is not None:
+        kwargs["num_processes"] = num
+    if pid is not None:
+        kwargs["process_id"] = pid
+    import jax
+
+    from jaxmon.errors import one_line
+
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:
+        raise CliError(
+            f"cannot join the jax.distributed job at {coordinator} ({one_line(e, 200)})"
+        ) from e
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"the environment variable {name}={value!r} is not an integer") from None
+
+
+def _primary() -> bool:
+    """Whether this process reports (process 0 of a job; the only process otherwise)."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _load_config(path: str) -> dict[str, Any]:
@@ -148,7 +218,8 @@ def _fit(args) -> None:
     rows = jaxmon.num_rows(state)
     if isinstance(rows, dict):  # a monitor: one counter per key (and per calibration sketch)
         rows = max(rows.values())
-    print(f"fitted {est.spec.name} on {rows:,} of {store.rows:,} logged rows; saved {args.out}")
+    if _primary():
+        print(f"fitted {est.spec.name} on {rows:,} of {store.rows:,} logged rows; saved {args.out}")
 
 
 def _score(args) -> None:
@@ -166,6 +237,8 @@ def _score(args) -> None:
         top_k=args.top_k,
         resume=not args.restart,
     )
+    if not _primary():
+        return
     print(f"scored {res.rows:,} tokens into {res.directory}")
     for key in res.keys:
         top = res.top(key)[:3]
@@ -261,6 +334,23 @@ def _inspect(args) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jaxmon", description="Mechanistic anomaly detection over logged activations.")
     sub = p.add_subparsers(dest="command", required=True)
+    dist = _Parser(add_help=False)
+    g = dist.add_argument_group("many processes (jax.distributed)")
+    g.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="process 0's address, the same for every process (env JAX_COORDINATOR_ADDRESS); "
+        "'auto': jax's cluster detection",
+    )
+    g.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        help="processes in the job (env JAX_NUM_PROCESSES)",
+    )
+    g.add_argument(
+        "--process-id", type=int, metavar="I", help="this process, 0..N-1 (env JAX_PROCESS_ID)"
+    )
 
     f = sub.add_parser(
         "fit",
@@ -268,6 +358,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Fit a monitor (or one estimator) on logged activations and save a checkpoint.",
         epilog=_config_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[dist],
     )
     f.add_argument("config", help="JSON or TOML file describing the estimator or monitor")
     f.add_argument("store", help="activation store directory (jaxmon.io.ActivationWriter)")
@@ -276,7 +367,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--step", type=int, default=0, help="checkpoint step (default 0)")
     f.set_defaults(fn=_fit)
 
-    s = sub.add_parser("score", help="score every token of a store against a checkpoint")
+    s = sub.add_parser(
+        "score", help="score every token of a store against a checkpoint", parents=[dist]
+    )
     s.add_argument("store", help="activation store directory")
     s.add_argument("checkpoint", help="checkpoint directory written by `jaxmon fit`")
     s.add_argument("-o", "--out", required=True, help="query output directory")
@@ -338,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
+        _distributed(args)  # first: nothing may touch a device before jax.distributed starts
         args.fn(args)
     except KeyboardInterrupt:
         print("jaxmon: interrupted.", file=sys.stderr)

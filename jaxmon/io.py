@@ -41,6 +41,38 @@ background thread with a bounded queue, so the caller only pays for the checks a
 over its arrays (a JAX job's arrays start their device-to-host copy at once and are converted
 off-thread). Reading lives in :mod:`jaxmon.query`.
 
+**Many processes (``jax.distributed``).** When ``jax.process_count() > 1`` every process makes
+the same ``ActivationWriter(path)`` call and writes its own rows; the path must be on a file
+system that every process sees. Rows of different processes never share a file: each process
+writes a complete single-process store of its own, a *shard*, and the store directory ties them
+together::
+
+    manifest.json            written by process 0 only (format version 2): the shard list
+                             {"path": "shards/<i>", "rows": ...}; at close also the total row
+                             count, the taps, the union of the splits and "complete"
+    shards/00000/            process 0's rows: the single-process layout above, with its own
+    shards/00001/            manifest.json committing its rows as its chunks land, ...
+
+Why shards and not row ranges of one array: a process does not know in advance how many rows it
+will write, and two processes creating the same zarr array collide on its metadata; a shard is
+written exactly as a single-process store, so every guarantee above (validated writes, rows
+committed as chunks land, SIGKILL safety, crc32c) holds per process unchanged.
+
+*Row order*: the store's rows are shard 0's rows in the order process 0 wrote them, then
+shard 1's, and so on (process-major). Split names are per shard on disk and read back as one
+list (the union in that order); default ``sequence_id`` values are made distinct across
+processes (``local_id * process_count + process_index``); explicit ones are kept as given.
+
+*Barriers*: the constructor and :meth:`ActivationWriter.close` are collective. In the
+constructor process 0 alone validates (or, with ``overwrite=True``, removes) the path and
+writes the root manifest (``complete: false``), then every process learns the outcome in one
+all-gather (a failure there raises the same error on every process) before it creates its own
+shard. At close every process closes its shard, an all-gather tells each one every shard's
+outcome and row count, process 0 writes the root manifest (``complete: true`` only when every
+shard closed), and a second all-gather makes sure it is on disk before any process returns.
+A killed process leaves its shard's committed rows readable, as in one process; a reader of a
+store whose close never happened opens every shard's committed rows.
+
 The importers (:func:`import_npy`, :func:`import_npz`, :func:`import_safetensors`) never run
 code from a file: no pickle (object arrays are refused), safetensors headers are parsed as
 plain JSON and every offset is checked against the file's size.
@@ -57,6 +89,7 @@ import queue
 import re
 import shutil
 import struct
+import sys
 import threading
 import time
 import zipfile
@@ -79,15 +112,19 @@ __all__ = [
     "ActivationWriter",
     "MANIFEST",
     "Manifest",
+    "all_gather_ints",
     "import_arrays",
     "import_npy",
     "import_npz",
     "import_safetensors",
+    "process_info",
+    "resolve_collective",
+    "shard_path",
 ]
 
 MANIFEST = "manifest.json"
 FORMAT = "jaxmon-activations"
-VERSION = 1  # additive changes only since 1 ("complete"); readers refuse a newer version
+VERSION = 2  # 1: a single-process store; 2: a store of per-process shards (see above)
 ROW_META = {"sequence_id": "int64", "position": "int32", "label": "int8", "split": "int8"}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 COMMIT_INTERVAL = 0.5  # seconds between manifest commits while writing
@@ -163,6 +200,51 @@ def _short(v: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# --------------------------------------------------------------------------- processes
+
+
+def process_info() -> tuple[int, int]:
+    """``(process index, process count)`` of a ``jax.distributed`` job; ``(0, 1)`` without one.
+
+    JAX is only asked when it is imported already (a program that never imported it cannot
+    have initialised ``jax.distributed``), so writing from a PyTorch job costs no JAX start-up.
+    """
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return 0, 1
+    return int(jax.process_index()), int(jax.process_count())
+
+
+def all_gather_ints(values: Sequence[int]) -> np.ndarray:
+    """Every process's ``values`` (same length everywhere), as an int64 array ``[processes, k]``.
+
+    A collective: every process must call it, in the same order; it is also the barrier that
+    the multi-process writer and queries use. 64-bit values travel as pairs of 32-bit words
+    (JAX without x64 would silently truncate int64).
+    """
+    own = np.asarray(values, np.int64).reshape(-1)
+    if process_info()[1] == 1:
+        return own[None]
+    from jax.experimental import multihost_utils
+
+    words = np.ascontiguousarray(own).view(np.int32)
+    got = np.asarray(multihost_utils.process_allgather(words))
+    return np.ascontiguousarray(got).view(np.int64).reshape(got.shape[0], -1)
+
+
+def resolve_collective(collective: bool | None) -> tuple[int, int]:
+    """``(process index, process count)`` that a collective call splits its work over.
+
+    ``collective=None`` means "every process of the job takes part" (``(0, 1)`` alone);
+    ``False`` makes this process act alone, as in a single-process job.
+    """
+    if collective is False:
+        return 0, 1
+    if collective not in (None, True):
+        raise ConfigError(f"collective must be None, True or False, got {_short(collective)}")
+    return process_info()
+
+
 # --------------------------------------------------------------------------- the manifest
 
 
@@ -196,6 +278,9 @@ class Manifest:
       has_labels: whether any write gave labels.
       tokens: relative path of the token-text sidecar, or None.
       complete: False while the writer runs (or after it failed or was killed).
+      shards: for a store written by several processes, ``[{"path": relative path, "rows":
+        rows at close or None}]`` in row order (the shards hold the data; ``taps`` then has
+        no paths); None for a single-process store.
     """
 
     rows: int = 0
@@ -206,10 +291,16 @@ class Manifest:
     has_labels: bool = False
     tokens: str | None = None
     complete: bool = True
+    shards: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as the JSON object saved in ``manifest.json``."""
-        return {"format": FORMAT, "version": VERSION, **dataclasses.asdict(self)}
+        obj = dataclasses.asdict(self)
+        if self.shards is None:
+            # A single-process store stays version 1, readable by every earlier jaxmon.
+            del obj["shards"]
+            return {"format": FORMAT, "version": 1, **obj}
+        return {"format": FORMAT, "version": VERSION, **obj}
 
     def save(self, directory: str | os.PathLike) -> None:
         """Replaces ``directory/manifest.json`` atomically (a reader sees the old or the new)."""
@@ -269,6 +360,20 @@ class Manifest:
         chunk_rows = field(
             "chunk_rows", lambda v: v is None or (_is_int(v) and v > 0), "a positive integer"
         )
+        shards_in = field("shards", lambda v: v is None or isinstance(v, list), "a list", None)
+        shards = None
+        if shards_in is not None:
+            shards = []
+            for i, sh in enumerate(shards_in):
+                ok = isinstance(sh, dict) and (
+                    sh.get("rows") is None or (_is_int(sh["rows"]) and sh["rows"] >= 0)
+                )
+                if not ok:
+                    raise StoreError(
+                        f"{where}: shard {i} must be {{'path': ..., 'rows': n}}, got {_short(sh)}"
+                    )
+                path = _inside(sh.get("path"), where, f"the path of shard {i}")
+                shards.append({"path": path, "rows": sh.get("rows")})
         taps_in = field("taps", lambda v: isinstance(v, dict), "an object")
         taps = {}
         for name, info in taps_in.items():
@@ -284,8 +389,10 @@ class Manifest:
                     f"{where}: tap {_short(name)} must be described by a path, a shape [rows, d] "
                     f"and a floating dtype, got {_short(info)}"
                 )
-            path = _inside(info.get("path"), where, f"the path of tap {_short(name)}")
-            taps[name] = {"path": path, "shape": list(info["shape"]), "dtype": info["dtype"]}
+            taps[name] = {"shape": list(info["shape"]), "dtype": info["dtype"]}
+            if shards is None:  # a sharded store's taps live in its shards
+                path = _inside(info.get("path"), where, f"the path of tap {_short(name)}")
+                taps[name] = {"path": path, **taps[name]}
         meta_in = field("row_meta", lambda v: isinstance(v, dict), "an object", {})
         row_meta = {
             k: _inside(v, where, f"the path of row metadata {_short(k)}")
@@ -302,7 +409,9 @@ class Manifest:
         if tokens is not None:
             tokens = _inside(tokens, where, "the token sidecar")
         complete = field("complete", lambda v: isinstance(v, bool), "true or false", True)
-        return cls(rows, chunk_rows, taps, row_meta, list(splits), has_labels, tokens, complete)
+        return cls(
+            rows, chunk_rows, taps, row_meta, list(splits), has_labels, tokens, complete, shards
+        )
 
 
 def read_tokens(path: str, rows: int) -> dict[int, str]:
@@ -477,6 +586,28 @@ class _Column:
         ).result()
 
 
+def _prepare_directory(path: str, overwrite: bool) -> None:
+    """Creates the store directory ``path`` (removing a store there with ``overwrite``)."""
+    if os.path.lexists(path):
+        if not overwrite:
+            raise ExistingPathError(f"{path} exists already; pass overwrite=True to replace it")
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise StoreError(f"{path} is not a directory; refusing to replace it")
+        names = set(os.listdir(path))
+        if names and not names & {MANIFEST, "taps", "rows", "shards"}:
+            raise StoreError(
+                f"{path} is not empty and holds no activation store; refusing to delete it "
+                "(overwrite=True only replaces a store)"
+            )
+        shutil.rmtree(path)
+    os.makedirs(path)
+
+
+def shard_path(i: int) -> str:
+    """The directory of process ``i``'s shard, relative to the store directory."""
+    return f"shards/{i:05d}"
+
+
 class ActivationWriter:
     """Writes activations of named taps (and row metadata) to a zarr3 store, asynchronously.
 
@@ -488,6 +619,10 @@ class ActivationWriter:
     error) writes a valid store of them. The row count is committed while writing (see the
     module docstring): a killed writer leaves a store of every row committed before the kill.
 
+    Under ``jax.distributed`` every process makes the same call and writes its own rows into
+    its own shard of the store (see the module docstring for the layout, the row order and the
+    two collective steps: the constructor and :meth:`close`).
+
     Args:
       directory: the store directory (created; must not exist unless ``overwrite=True``).
       dtype: stored dtype of the taps (``"bfloat16"``, ``"float32"``, ``"float16"``,
@@ -496,12 +631,15 @@ class ActivationWriter:
       max_pending: writes queued or in flight before :meth:`write` blocks (back-pressure).
       overwrite: remove an existing store first (only a store, or an empty directory).
       commit_interval: at most this many seconds between two commits of the row count.
+      collective: ``None`` (default): with several ``jax.distributed`` processes, every one of
+        them writes its shard (each must make this call); ``False``: this process writes a
+        single-process store alone (no other process may write to ``directory``).
 
     Raises:
       ExistingPathError: ``directory`` exists and ``overwrite`` is False (a FileExistsError).
       StoreError: ``directory`` is a file, or a non-empty directory that is not a store.
-      ConfigError: a ``dtype``, ``chunk_rows``, ``max_pending`` or ``commit_interval`` that
-        cannot work.
+      ConfigError: a ``dtype``, ``chunk_rows``, ``max_pending``, ``commit_interval`` or
+        ``collective`` that cannot work.
 
     Example:
       >>> with jaxmon.io.ActivationWriter("acts", dtype="bfloat16") as w:
@@ -519,6 +657,7 @@ class ActivationWriter:
         max_pending: int = 8,
         overwrite: bool = False,
         commit_interval: float = COMMIT_INTERVAL,
+        collective: bool | None = None,
     ):
         if dtype is not None and str(dtype) not in FLOAT_DTYPES:
             raise ConfigError(f"dtype must be one of {list(FLOAT_DTYPES)}, got {_short(dtype)}")
@@ -528,22 +667,13 @@ class ActivationWriter:
             raise ConfigError(f"max_pending must be an integer >= 0, got {_short(max_pending)}")
         if not isinstance(commit_interval, int | float) or not commit_interval > 0:
             raise ConfigError(f"commit_interval must be > 0 seconds, got {_short(commit_interval)}")
-        self.directory = os.path.abspath(os.fspath(directory))
-        if os.path.lexists(self.directory):
-            if not overwrite:
-                raise ExistingPathError(
-                    f"{self.directory} exists already; pass overwrite=True to replace it"
-                )
-            if not os.path.isdir(self.directory) or os.path.islink(self.directory):
-                raise StoreError(f"{self.directory} is not a directory; refusing to replace it")
-            names = set(os.listdir(self.directory))
-            if names and not names & {MANIFEST, "taps", "rows"}:
-                raise StoreError(
-                    f"{self.directory} is not empty and holds no activation store; refusing to "
-                    "delete it (overwrite=True only replaces a store)"
-                )
-            shutil.rmtree(self.directory)
-        os.makedirs(self.directory)
+        self.process, self.processes = resolve_collective(collective)
+        self.root = os.path.abspath(os.fspath(directory))
+        if self.processes == 1:
+            _prepare_directory(self.root, overwrite)
+            self.directory = self.root  # where this process's arrays and manifest go
+        else:
+            self.directory = self._prepare_shard(overwrite)
         self.dtype = None if dtype is None else str(dtype)
         self.chunk_rows = chunk_rows
         self.max_pending = max_pending
@@ -587,7 +717,8 @@ class ActivationWriter:
           taps: ``{tap: [..., d]}`` floating arrays (JAX, numpy or PyTorch), same leading shape.
           mask: ``[...]`` booleans; False rows (padding) are dropped.
           sequence_id: ``[...]`` or ``[batch]`` ints; default: a new id per sequence (each
-            ``[batch, seq]`` row, or the whole write for ``[tokens]`` inputs).
+            ``[batch, seq]`` row, or the whole write for ``[tokens]`` inputs), distinct across
+            the processes of a ``jax.distributed`` job.
           position: ``[...]`` ints; default: the index along the last leading axis.
           label: an int, ``[batch]`` or ``[...]`` ints (e.g. 1 = anomalous); -1 = unknown.
           split: a name for these rows (``"trusted"``, ``"query"``...).
@@ -679,13 +810,35 @@ class ActivationWriter:
     def close(self) -> dict[str, Any]:
         """Waits for every write, trims the arrays to the rows written, commits the manifest.
 
+        Under ``jax.distributed`` this is collective (every process must close): each process
+        closes its shard, then process 0 writes the store's manifest (see the module docstring).
+
         Returns:
-          The manifest (also saved as ``manifest.json``).
+          The manifest (also saved as ``manifest.json``); for a store of several processes the
+          store's manifest (``shards`` lists every process's rows), the same on every process.
 
         Raises:
           StoreError: the background writes failed (a disk error...); the store then holds
             the rows committed before the failure, readable, and the message says how many.
+            With several processes: also when another process's shard failed, or the shards
+            disagree on the taps (names, widths, dtypes); the same error on every process.
         """
+        if self._closed:
+            if self._failure is not None:
+                raise self._failure
+            if self._manifest is not None:
+                return self._manifest
+        if self.processes == 1:
+            return self._close_local()
+        own: StoreError | None = None
+        try:
+            self._close_local()
+        except StoreError as e:
+            own = e
+        return self._close_shards(own)
+
+    def _close_local(self) -> dict[str, Any]:
+        """Closes this process's store (or shard): every write landed, trimmed, committed."""
         if self._closed:
             if self._failure is not None:
                 raise self._failure
@@ -714,8 +867,100 @@ class ActivationWriter:
 
     @property
     def rows(self) -> int:
-        """Rows written so far (after masking; exact once :meth:`close` returned)."""
+        """Rows this process wrote so far (after masking; exact once :meth:`close` returned)."""
         return self._rows
+
+    # ---------------------------------------------------------------- many processes
+
+    def _prepare_shard(self, overwrite: bool) -> str:
+        """Collective: process 0 prepares the store directory; every process creates its shard.
+
+        Returns:
+          This process's shard directory.
+        """
+        n = self.processes
+        code, own = 0, None
+        if self.process == 0:
+            try:
+                _prepare_directory(self.root, overwrite)
+                shards = [{"path": shard_path(i), "rows": None} for i in range(n)]
+                Manifest(complete=False, shards=shards).save(self.root)
+            except ExistingPathError as e:
+                code, own = 1, e
+            except StoreError as e:
+                code, own = 2, e
+            except OSError as e:
+                code, own = 3, e
+        # Every process learns process 0's outcome (this is also the barrier after which the
+        # directory exists): a refused path is the same error everywhere, not a hang.
+        code = int(all_gather_ints([code])[0, 0])
+        if own is not None:
+            if isinstance(own, OSError):
+                raise StoreError(f"cannot create the store {self.root} ({one_line(own)})") from own
+            raise own
+        if code == 1:
+            raise ExistingPathError(
+                f"{self.root} exists already; pass overwrite=True to replace it"
+            )
+        if code:
+            raise StoreError(
+                f"process 0 could not prepare the store directory {self.root} (its error says why)"
+            )
+        directory = os.path.join(self.root, shard_path(self.process))
+        made = None
+        try:
+            os.makedirs(directory)
+        except OSError as e:
+            made = e
+        # A second agreement: a process that cannot create its shard must not leave the others
+        # waiting for it at close.
+        failed = [i for i, (c,) in enumerate(all_gather_ints([made is not None])) if c]
+        if made is not None:
+            raise StoreError(f"cannot create the shard {directory} ({one_line(made)})") from made
+        if failed:
+            raise StoreError(f"process {failed[0]} could not create its shard of {self.root}")
+        return directory
+
+    def _close_shards(self, own: StoreError | None) -> dict[str, Any]:
+        """Collective close: every shard's outcome, then the store's manifest from process 0."""
+        got = all_gather_ints([0 if own is None else 1])
+        failed = [i for i in range(self.processes) if got[i, 0]]
+        # Every process reads the shard manifests and reaches the same verdict on its own.
+        try:
+            root, disagree = _merged_manifest(self.root, self.processes, failed), None
+        except StoreError as e:
+            root, disagree = None, e
+        saved = 0
+        if self.process == 0 and root is not None:
+            try:
+                root.save(self.root)
+            except OSError as e:
+                saved, disagree = (
+                    1,
+                    StoreError(f"cannot write the manifest of {self.root} ({one_line(e)})"),
+                )
+                disagree.__cause__ = e
+        saved = int(all_gather_ints([saved])[0, 0])  # the manifest is on disk for everyone
+        err = own or disagree
+        if err is None and failed:
+            err = StoreError(
+                f"process {failed[0]} of {self.processes} failed to write its shard of "
+                f"{self.root}; the store keeps every shard's committed rows"
+            )
+        if err is None and saved:
+            err = StoreError(f"process 0 could not write the manifest of the store {self.root}")
+        if err is not None:
+            self._failure = err
+            raise err
+        assert root is not None
+        self._manifest = root.to_json()
+        return self._manifest
+
+    def _sequence_ids(self, local: np.ndarray) -> np.ndarray:
+        """Default sequence ids, distinct across the processes of a job (the identity alone)."""
+        if self.processes == 1:
+            return local
+        return local * self.processes + self.process
 
     def __enter__(self) -> ActivationWriter:
         return self
@@ -872,12 +1117,12 @@ class ActivationWriter:
             return out if keep is None else out[keep]
 
         if len(lead) >= 2:
-            seq_default = lambda: np.broadcast_to(
-                (seq0 + np.arange(lead[0]))[:, None], (lead[0], math.prod(lead[1:]))
-            )
+            seqs = self._sequence_ids(seq0 + np.arange(lead[0], dtype=np.int64))
+            seq_default = lambda: np.broadcast_to(seqs[:, None], (lead[0], math.prod(lead[1:])))
             pos_default = lambda: np.broadcast_to(np.arange(lead[-1]), lead)
         else:
-            seq_default = lambda: np.full(lead, seq0)
+            seq1 = self._sequence_ids(np.int64(seq0))
+            seq_default = lambda: np.full(lead, seq1)
             pos_default = lambda: np.arange(n).reshape(lead)
         meta = {
             "sequence_id": rows_of(sequence_id, seq_default, "int64"),
@@ -905,6 +1150,46 @@ class ActivationWriter:
         for k, v in meta.items():
             self._meta[k].append(v, self._pending)
         self._rows += kept
+
+
+def _merged_manifest(root: str, processes: int, failed: Sequence[int]) -> Manifest:
+    """The store's manifest from its shards' manifests (their taps must agree).
+
+    Raises:
+      StoreError: a shard without a readable manifest, or shards that logged different taps
+        (names, widths or dtypes).
+    """
+    shards, splits = [], []
+    spec, first, chunk_rows, has_labels, total = None, -1, None, False, 0
+    complete = not failed
+    for i in range(processes):
+        rel = shard_path(i)
+        m = Manifest.load(os.path.join(root, rel))
+        if m.taps:
+            tap_spec = {k: (v["shape"][1], v["dtype"]) for k, v in m.taps.items()}
+            if spec is None:
+                spec, first, chunk_rows = tap_spec, i, m.chunk_rows
+            elif tap_spec != spec:
+                raise StoreError(
+                    f"process {i} logged taps {_short(tap_spec, 80)} but process {first} logged "
+                    f"{_short(spec, 80)} into {root}: every process must write the same taps "
+                    "with the same widths and dtypes"
+                )
+        splits += [s for s in m.splits if s not in splits]
+        has_labels |= m.has_labels
+        complete &= m.complete
+        shards.append({"path": rel, "rows": m.rows})
+        total += m.rows
+    taps = {k: {"shape": [total, d], "dtype": dt} for k, (d, dt) in (spec or {}).items()}
+    return Manifest(
+        rows=total,
+        chunk_rows=chunk_rows,
+        taps=taps,
+        splits=splits,
+        has_labels=has_labels,
+        complete=complete,
+        shards=shards,
+    )
 
 
 # --------------------------------------------------------------------------- importers
@@ -1094,7 +1379,11 @@ def import_arrays(
             meta["sequence_id"] = np.zeros(lead, np.int64)
         if meta["position"] is None:
             meta["position"] = np.arange(n0)
-    with ActivationWriter(directory, dtype=dtype, chunk_rows=chunk_rows, overwrite=overwrite) as w:
+    # Importing is one process's job (every process importing the same files would log them
+    # twice): the writer acts alone here, whatever the job's process count.
+    with ActivationWriter(
+        directory, dtype=dtype, chunk_rows=chunk_rows, overwrite=overwrite, collective=False
+    ) as w:
         for i in range(0, n0, step):
             sl = slice(i, min(n0, i + step))
             block = {k: np.asarray(a[sl]) for k, a in arrays.items()}

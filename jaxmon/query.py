@@ -17,16 +17,39 @@ Every read goes through :class:`Store` (or :class:`QueryResult`), which turns a 
 :class:`~jaxmon.errors.StoreError` naming the tap or column, the rows and the chunk file, with
 tensorstore's error chained as its cause.
 
+**Many processes (``jax.distributed``).** :func:`fit_store`, :func:`score_store` and
+:func:`score_store_batch` are collective: every process makes the same call, on a store and an
+output directory that every process sees. Blocks of ``b`` rows are dealt round robin (block
+``i`` to process ``i % process_count``) and split over each process's local devices.
+
+* ``fit_store`` folds each process's blocks locally (one replica per device, merged with the
+  estimator's own ``merge``), then gathers every process's state (``process_allgather``) and
+  tree-merges them in process order: every process returns the same state, bit for bit, equal
+  to a one-process fit up to float rounding and with exactly the same row counts.
+* ``score_store``: process 0 decides between resuming and starting afresh and prepares the
+  output (arrays, ``query.json``); after a barrier the others open it. Score chunks are
+  blocks, so processes never write the same file. Each process commits its own
+  ``progress-<i>.json`` after each of its blocks, so a killed process resumes from its last
+  block (the others skip what they finished). After a barrier, process 0 merges the top-k
+  (the order is fixed: score, then row) and the non-finite counts of every record, writes
+  ``sequences.npz`` and ``summary.json`` (with ``processes``: the rows each scored); after a
+  last barrier every process returns the same :class:`QueryResult`. Scores, top-k and
+  summary equal a one-process run's.
+
+Every barrier is an all-gather of a status word: when one process fails, every process raises
+(its own error where it failed, a :class:`StoreError` naming that process elsewhere) instead
+of leaving the others waiting.
+
 Output directory of a query::
 
-    query.json         what was scored (store, keys, spec, block rows); written first
+    query.json         what was scored (store, keys, spec, block rows, process count); first
     progress.json      next block, the running top-k and non-finite counts (replaced atomically
-                       per block)
+                       per block); ``progress-<i>.json`` per process with several processes
     scores/<i>_<key>/  zarr3 float32 [rows] per score key (crc32c-checksummed chunks)
     sequences.npz      per-sequence id, tokens, label, split, max and mean score per key
     summary.json       per key: top-k tokens, score statistics, non-finite rows, and when the
                        estimator is calibrated, threshold exceedances at several false-positive
-                       rates
+                       rates; the rows each process scored
 """
 
 from __future__ import annotations
@@ -36,9 +59,10 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -48,7 +72,14 @@ import tensorstore as ts
 
 from jaxmon._base import Estimator, nonfinite_rows, require_fitted
 from jaxmon.errors import ConfigError, StoreError, one_line
-from jaxmon.io import Manifest, _zarr3_spec, read_tokens
+from jaxmon.io import (
+    MANIFEST,
+    Manifest,
+    _zarr3_spec,
+    all_gather_ints,
+    read_tokens,
+    resolve_collective,
+)
 
 __all__ = [
     "PendingRead",
@@ -96,18 +127,32 @@ _REASONS = (
 
 
 def _read_error(
-    e: BaseException, store_dir: str, what: str, arr: ts.TensorStore, start: int, stop: int
+    e: BaseException,
+    store_dir: str,
+    what: str,
+    arr: ts.TensorStore,
+    start: int,
+    stop: int,
+    locate: Callable[[str], tuple[int, int]] | None = None,
 ) -> StoreError:
-    """One sentence for a failed read of rows ``[start, stop)`` of ``what``."""
+    """One sentence for a failed read of rows ``[start, stop)`` of ``what``.
+
+    ``locate(chunk file path)`` gives ``(first row, rows per chunk)`` of the array holding that
+    chunk file, for arrays pieced together from shards (default: ``arr``'s own chunks).
+    """
     msg = str(e)
     reason = next((r for code, r in _REASONS if code in msg), None)
     found = re.search(r'"([^"]*?/c((?:/\d+)+))"', msg)
     rows = f"rows {start}-{stop - 1}"
     if found:
-        chunk_rows = int(arr.chunk_layout.read_chunk.shape[0])
+        if locate is None:
+            offset, chunk_rows = 0, int(arr.chunk_layout.read_chunk.shape[0])
+        else:
+            offset, chunk_rows = locate(found.group(1))
         i = int(found.group(2).split("/")[1])
         key = os.path.relpath(found.group(1), store_dir)
-        where = f"chunk file {key} (rows {i * chunk_rows}-{(i + 1) * chunk_rows - 1})"
+        lo = offset + i * chunk_rows
+        where = f"chunk file {key} (rows {lo}-{lo + chunk_rows - 1})"
     else:
         where = "a chunk"
     if reason is None:
@@ -183,12 +228,19 @@ class Store:
 
     Reads cover the committed rows ``[0, rows)`` only; a failed read (a chunk failing its
     checksum, a truncated chunk file) raises :class:`StoreError`.
+
+    A store written by several processes reads as one: its rows are every shard's committed
+    rows, process 0's first (the row order of :mod:`jaxmon.io`); ``taps`` and ``meta`` are then
+    virtual arrays pieced together from the shards (``tensorstore.concat``), ``splits`` is the
+    union of the shards' split names and :meth:`read_meta` maps each shard's split codes onto
+    it. ``parts`` lists ``(first row, rows, shard)`` (empty for a single-process store).
     """
 
     directory: str
     manifest: dict[str, Any]
     taps: dict[str, ts.TensorStore]
     meta: dict[str, ts.TensorStore]
+    parts: list[tuple[int, int, Store]] = dataclasses.field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -214,9 +266,17 @@ class Store:
         start = max(0, min(int(start), self.rows))
         return start, max(start, min(int(stop), self.rows))
 
+    def _locate(self, chunk_file: str) -> tuple[int, int]:
+        """(first row, rows per chunk) of the shard holding ``chunk_file``."""
+        for first, _, part in self.parts:
+            if chunk_file.startswith(part.directory + os.sep):
+                return first, part.chunk_rows
+        return 0, self.chunk_rows
+
     def _start(self, what: str, arr: ts.TensorStore, start: int, stop: int) -> PendingRead:
         start, stop = self._range(start, stop)
-        fail = lambda e: _read_error(e, self.directory, what, arr, start, stop)
+        locate = self._locate if self.parts else None
+        fail = lambda e: _read_error(e, self.directory, what, arr, start, stop, locate)
         try:
             return PendingRead(arr[start:stop].read(), fail)
         except Exception as e:
@@ -243,13 +303,38 @@ class Store:
         """
         if name not in self.meta:
             raise StoreError(f"the store has no row metadata {name!r} (has {sorted(self.meta)})")
-        return self._start(f"row metadata {name!r}", self.meta[name], start, stop).result()
+        out = self._start(f"row metadata {name!r}", self.meta[name], start, stop).result()
+        if name == "split" and self.parts:
+            out = self._global_splits(out, *self._range(start, stop))
+        return out
+
+    def _global_splits(self, codes: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Each shard's split codes (indices into its own list) as indices into ``splits``."""
+        out = codes.copy()
+        names = self.splits
+        for first, rows, part in self.parts:
+            lo, hi = max(start, first), min(stop, first + rows)
+            if lo >= hi:
+                continue
+            # Index 0 of the table is the code -1 (no split); shard code c sits at c + 1.
+            table = np.array([-1] + [names.index(x) for x in part.splits], np.int64)
+            local = codes[lo - start : hi - start].astype(np.int64)
+            out[lo - start : hi - start] = table[np.clip(local + 1, 0, len(table) - 1)]
+        return out
 
     def tokens(self) -> dict[int, str] | None:
         """Token text by row, when it was logged (loads the sidecar; for reports).
 
         Records beyond the committed rows, and a last line torn by a killed writer, are ignored.
         """
+        if self.parts:
+            found = [(first, rows, part.tokens()) for first, rows, part in self.parts]
+            if all(t is None for _, _, t in found):
+                return None
+            out: dict[int, str] = {}
+            for first, rows, t in found:
+                out.update({first + r: v for r, v in (t or {}).items() if r < rows})
+            return out
         name = self.manifest.get("tokens")
         if not name:
             return None
@@ -261,19 +346,23 @@ class Store:
 
 
 def open_store(directory: str | os.PathLike, *, check_chunks: bool = True) -> Store:
-    """Opens and validates an activation store.
+    """Opens and validates an activation store (written by one process or by several).
 
     A store whose writer is still running, failed or was killed opens too, with the rows
-    committed so far (``Store.complete`` is then False).
+    committed so far (``Store.complete`` is then False); for a store of several processes,
+    every shard's committed rows.
 
     Raises:
       StoreError: no manifest, a manifest that is not valid (garbled JSON, wrong types, a
         negative row count, a path leaving the store directory), a missing array, an array
-        shorter than the manifest's row count or of another width or dtype, or (with
-        ``check_chunks``) a chunk file missing or truncated on disk.
+        shorter than the manifest's row count or of another width or dtype, (with
+        ``check_chunks``) a chunk file missing or truncated on disk, or shards that hold
+        fewer rows than the store's manifest records or disagree on their taps.
     """
     directory = os.path.abspath(os.fspath(directory))
     manifest = Manifest.load(directory)
+    if manifest.shards is not None:
+        return _open_sharded(directory, manifest, check_chunks)
     rows = manifest.rows
     taps, meta = {}, {}
     for name, info in manifest.taps.items():
@@ -307,6 +396,63 @@ def open_store(directory: str | os.PathLike, *, check_chunks: bool = True) -> St
             _check_chunks(arr, p, rows, f"row metadata {name!r}")
         meta[name] = arr
     return Store(directory, manifest.to_json(), taps, meta)
+
+
+def _open_sharded(directory: str, manifest: Manifest, check_chunks: bool) -> Store:
+    """A store written by several processes, read as one (see :class:`Store`)."""
+    assert manifest.shards is not None
+    parts: list[tuple[int, int, Store]] = []
+    first = 0
+    spec: dict[str, tuple[int, str]] | None = None
+    for i, shard in enumerate(manifest.shards):
+        path = os.path.join(directory, shard["path"])
+        if not os.path.isfile(os.path.join(path, MANIFEST)) and not manifest.complete:
+            continue  # its process died before its first commit: no rows
+        part = open_store(path, check_chunks=check_chunks)
+        if part.manifest.get("shards") is not None:
+            raise StoreError(f"shard {i} of {directory} is itself a store of shards")
+        rows = part.rows if shard["rows"] is None else int(shard["rows"])
+        if part.rows < rows:
+            raise StoreError(
+                f"the store is truncated: shard {i} ({shard['path']}) holds {part.rows} rows but "
+                f"the manifest of {directory} says {rows}"
+            )
+        if rows == 0:
+            continue
+        got = {k: (int(a.shape[1]), a.dtype.numpy_dtype.name) for k, a in part.taps.items()}
+        if spec is None:
+            spec = got
+        elif got != spec:
+            raise StoreError(
+                f"shard {i} of {directory} holds taps {got} where earlier shards hold {spec}"
+            )
+        parts.append((first, rows, part))
+        first += rows
+
+    def joined(arrays: list[ts.TensorStore]) -> ts.TensorStore:
+        return arrays[0] if len(arrays) == 1 else ts.concat(arrays, axis=0)
+
+    taps = {t: joined([p.taps[t][:r] for _, r, p in parts]) for t in (spec or {})}
+    cols = set.intersection(*(set(p.meta) for _, _, p in parts)) if parts else set()
+    meta = {c: joined([p.meta[c][:r] for _, r, p in parts]) for c in sorted(cols)}
+    splits: list[str] = []
+    for _, _, p in parts:
+        splits += [x for x in p.splits if x not in splits]
+    merged = {
+        **manifest.to_json(),
+        "rows": first,
+        "chunk_rows": parts[0][2].chunk_rows if parts else manifest.chunk_rows,
+        "taps": {t: {"shape": [first, d], "dtype": dt} for t, (d, dt) in (spec or {}).items()},
+        "row_meta": {c: f"rows/{c}" for c in sorted(cols)},  # inside each shard
+        "splits": splits,
+        "has_labels": any(p.manifest.get("has_labels") for _, _, p in parts),
+        "complete": manifest.complete and all(p.complete for _, _, p in parts),
+        "shards": [
+            {"path": os.path.relpath(p.directory, directory), "start": f, "rows": r}
+            for f, r, p in parts
+        ],
+    }
+    return Store(directory, merged, taps, meta, parts)
 
 
 def _as_store(store: Store | str | os.PathLike) -> Store:
@@ -416,6 +562,78 @@ def _block_rows(store: Store, block_rows: int | None, n_dev: int) -> int:
     while b % n_dev:
         b += c
     return b
+
+
+@dataclasses.dataclass
+class _Block:
+    """One block of a store, as :func:`_read_blocks` yields it.
+
+    Attributes:
+      index: the block number: rows ``[index * b, index * b + b)`` of the store.
+      start: its first row.
+      valid: how many of its ``b`` rows exist (the tail block is padded).
+      taps: ``{tap: [b, d]}`` rows, zero-padded past ``valid``.
+      meta: ``{column: [b]}`` row metadata asked for, ``-1`` past ``valid``.
+    """
+
+    index: int
+    start: int
+    valid: int
+    taps: dict[str, np.ndarray]
+    meta: dict[str, np.ndarray]
+
+    def mask(self) -> np.ndarray:
+        """``[b]`` bool: the rows that exist."""
+        b = len(next(iter(self.taps.values())))
+        return np.arange(b) < self.valid
+
+
+def _pad(x: np.ndarray, b: int, fill: Any = 0) -> np.ndarray:
+    """``x`` padded with ``fill`` to ``b`` rows (the same shapes every block: one compile)."""
+    if len(x) == b:
+        return x
+    out = np.full((b, *x.shape[1:]), fill, x.dtype)
+    out[: len(x)] = x
+    return out
+
+
+def _read_blocks(
+    store: Store, taps: Sequence[str], b: int, blocks: Sequence[int], *, meta: Sequence[str] = ()
+) -> Iterator[_Block]:
+    """The blocks ``blocks`` of ``b`` rows of ``taps`` (and row metadata ``meta``), in order.
+
+    The one block reader of :func:`fit_store` and :func:`score_store` (and any other pass over
+    a store): the reads of the next block are issued before the current one is handed out, the
+    tail block is padded (see :class:`_Block`), and a damaged chunk is a :class:`StoreError`.
+    """
+    n = store.rows
+
+    def issue(i: int) -> tuple[int, dict[str, PendingRead]]:
+        lo = i * b
+        return lo, {t: store.read(t, lo, lo + b) for t in taps}
+
+    pending = issue(blocks[0]) if len(blocks) else None
+    for j, i in enumerate(blocks):
+        assert pending is not None
+        lo, futs = pending
+        pending = issue(blocks[j + 1]) if j + 1 < len(blocks) else None  # read-ahead
+        xs = {t: _pad(fut.result(), b) for t, fut in futs.items()}
+        cols = {c: _pad(store.read_meta(c, lo, lo + b), b, -1) for c in meta}
+        yield _Block(i, lo, min(b, n - lo), xs, cols)
+
+
+def _assigned(n_blocks: int, process: int, processes: int) -> list[int]:
+    """The blocks process ``process`` of ``processes`` handles: every ``processes``-th one.
+
+    Round robin keeps the processes' shares within one block of each other, whatever the
+    store's length, and is fixed by the block count alone (a resumed job gets the same).
+    """
+    return list(range(process, n_blocks, processes))
+
+
+def _block_rows_of(n: int, b: int, blocks: Sequence[int]) -> int:
+    """Rows of the store in the given blocks of ``b`` rows."""
+    return int(sum(max(0, min(b, n - i * b)) for i in blocks))
 
 
 def _scorer(est: Estimator, monitor: bool, taps: list[str], mesh) -> Callable:
@@ -595,8 +813,17 @@ def score_store(
     progress: bool | None = None,
     devices: Sequence[Any] | None = None,
     callback: Callable[[int, int], None] | None = None,
+    collective: bool | None = None,
 ) -> QueryResult:
     """Scores every token of an activation store; resumable, memory bounded by the block.
+
+    Under ``jax.distributed`` every process makes the same call (``store`` and ``out`` on a
+    file system all of them see): block ``i`` is scored by process ``i % process_count`` on its
+    local devices and written to its own chunk of each score array; process 0 creates the
+    output (the others open it after a barrier), each process keeps its own progress record
+    (``progress-<i>.json``) so a killed process resumes from its last block, and process 0
+    merges the top-k and writes the summary once every block is in. Scores, top-k and summary
+    equal a one-process run's; every process returns the same result.
 
     Args:
       store: an opened :class:`Store` or its directory.
@@ -613,23 +840,28 @@ def score_store(
         score ``+inf``, come first).
       resume: continue an interrupted query in ``out`` (else start over).
       progress: show a progress bar on stderr (default: only on a terminal).
-      devices: devices to split blocks over (default: ``jax.local_devices()``).
-      callback: ``callback(rows_done, rows_total)`` after each committed block.
+      devices: this process's devices to split blocks over (default: ``jax.local_devices()``).
+      callback: ``callback(rows_done, rows_total)`` after each committed block, counting the
+        rows of this process's blocks.
+      collective: ``None`` (default): every process of a ``jax.distributed`` job takes part;
+        ``False``: this process scores the whole store alone.
 
     Returns:
       A :class:`QueryResult`. Its summary holds per key ``nonfinite`` (rows holding NaN/inf in
       any tap the key reads), ``nan`` (rows whose score is NaN, which no jaxmon estimator should
-      give), ``mean``/``std`` over finite scores and ``min``/``max`` over all but NaN.
+      give), ``mean``/``std`` over finite scores and ``min``/``max`` over all but NaN; and
+      ``processes``: ``[{"process": i, "rows": rows scored by process i}, ...]``.
 
     Raises:
       StoreError: a truncated, damaged or inconsistent store, a missing tap, an ``out`` that is
         a file or a directory holding something other than a query, or that holds a different
-        query.
+        query; with several processes, also on every process when one of them failed.
       ConfigError: ``block_rows`` or ``top_k`` < 1, no devices, or not an estimator.
       NotFittedError: a fitted value fitted on no rows.
     """
     block_rows = _positive(block_rows, "block_rows", optional=True)
     top_k = _positive(top_k, "top_k")
+    process, processes = resolve_collective(collective)
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise StoreError(f"out={out} is a file; score_store writes a directory there")
@@ -676,108 +908,234 @@ def score_store(
         "top_k": top_k,
         **info,
     }
-    qpath, ppath = os.path.join(out, "query.json"), os.path.join(out, "progress.json")
-    start_block = 0
-    topk = {k: (np.zeros(0, np.int64), np.zeros(0, np.float32)) for k in keys}
-    nonfinite = dict.fromkeys(keys, 0)
-    fresh = True
-    if resume and os.path.exists(qpath) and os.path.exists(ppath):
-        if _load_json(qpath, "a query record") != query:
-            raise StoreError(
-                f"{out} holds a different query (store, estimator, blocks or devices differ); "
-                "choose another output directory or pass resume=False"
-            )
+    if processes > 1:  # a one-process query keeps the record earlier versions wrote
+        query["processes"] = processes
+    qpath = os.path.join(out, "query.json")
+    fresh = _open_output(out, qpath, query, resume, process, processes)
+    mine = _assigned(n_blocks, process, processes)
+    ppath = _progress_path(out, process, processes)
+    empty_topk = {k: (np.zeros(0, np.int64), np.zeros(0, np.float32)) for k in keys}
+    topk, nonfinite = empty_topk, dict.fromkeys(keys, 0)
+    # Collectives below happen the same number of times on every process, errors or not: a
+    # process that failed keeps its error until the next agreement point, then all raise.
+    err: Exception | None = None
+    outs: dict[str, ts.TensorStore] | None = None
+    if fresh and process == 0:
         try:
-            prog = _load_json(ppath, "a query's progress record")
-            start_block = int(prog["next_block"])
-            topk = {
-                k: (np.asarray(v["rows"], np.int64), np.asarray(v["scores"], np.float32))
-                for k, v in prog["topk"].items()
-            }
-            nonfinite = {k: int(prog["nonfinite"][k]) for k in keys}
-            fresh = not 0 <= start_block <= n_blocks or set(topk) != set(keys)
-        except (KeyError, TypeError, ValueError):  # StoreError is a ValueError
-            # A record from an older jaxmon (no non-finite counts) or not one at all: the
-            # query starts over, which gives the same output.
-            fresh = True
-        if fresh:
-            start_block = 0
-            topk = {k: (np.zeros(0, np.int64), np.zeros(0, np.float32)) for k in keys}
-            nonfinite = dict.fromkeys(keys, 0)
-    if fresh:
-        import shutil
-
-        if os.path.isdir(out) and os.listdir(out):
-            if not os.path.exists(qpath):
-                raise StoreError(
-                    f"out={out} is a directory that holds no jaxmon query; refusing to replace "
-                    "it: choose a new or empty directory"
+            outs = _score_arrays(out, keys, n, b, create=True)
+            if processes > 1:
+                _write_json_atomic(qpath, query)
+        except Exception as e:
+            if processes == 1:
+                raise
+            err = e
+    if fresh and processes > 1:
+        # Process 0 created the arrays and the query record: only now may the others open
+        # them (two processes creating one zarr array collide on its metadata).
+        _agree(err, "while creating the output", processes)
+    try:
+        if outs is None:
+            outs = _score_arrays(out, keys, n, b, create=False)
+        start_block = 0
+        if not fresh:
+            start_block, topk, nonfinite = _read_progress(ppath, keys, n_blocks)
+        else:
+            if processes == 1:
+                _write_json_atomic(qpath, query)
+            _write_json_atomic(ppath, _progress_json(0, topk, nonfinite))
+        todo = [i for i in mine if i >= start_block]
+        my_rows = _block_rows_of(n, b, mine)
+        done = _block_rows_of(n, b, [i for i in mine if i < start_block])
+        bar = _Progress(my_rows, progress)
+        first_done = done
+        for blk in _read_blocks(store, taps, b, todo):
+            lo, valid = blk.start, blk.valid
+            xs = {t: jax.device_put(x, row_sharding) for t, x in blk.taps.items()}
+            mask = jax.device_put(blk.mask(), row_sharding)
+            scores, finite = jax.device_get(score_fn(fitted_dev, xs, mask))
+            bad = {t: ~np.asarray(finite[t][:valid]) for t in taps}
+            writes = []
+            for k in keys:
+                sc = np.asarray(scores[k][:valid], np.float32)
+                writes.append((k, outs[k][lo : lo + valid].write(sc)))
+                idx = _block_topk(sc, top_k)
+                topk[k] = _topk_merge(*topk[k], lo + idx.astype(np.int64), sc[idx], top_k)
+                nonfinite[k] += int(np.logical_or.reduce([bad[t] for t in key_taps[k]]).sum())
+            for k, w in writes:
+                try:
+                    w.result()
+                except Exception as e:
+                    raise StoreError(
+                        _clip(
+                            f"cannot write the scores of key {k!r}, rows {lo}-{lo + valid - 1}, "
+                            f"to {out}: {one_line(e, 120)}"
+                        )
+                    ) from e
+            # The block's scores are on disk: only now does the progress record move past it.
+            nxt = next((i for i in mine if i > blk.index), n_blocks)
+            _write_json_atomic(ppath, _progress_json(nxt, topk, nonfinite))
+            done += valid
+            bar.update(done, first_done)
+            if callback is not None:
+                callback(done, my_rows)
+    except Exception as e:
+        if processes == 1:
+            raise
+        err = e
+    per_process = [
+        {"process": i, "rows": _block_rows_of(n, b, _assigned(n_blocks, i, processes))}
+        for i in range(processes)
+    ]
+    if processes == 1:
+        summary = _summarize(
+            store, out, keys, outs, topk, b, fitted, calibrated, query, nonfinite, per_process
+        )
+        return QueryResult(out, n, keys, summary)
+    # Every block of every process is on disk (or one failed: then every process raises).
+    _agree(err, "while scoring its blocks", processes)
+    err = None
+    if process == 0:
+        try:
+            for i in range(1, processes):
+                _, other, counts = _read_progress(
+                    _progress_path(out, i, processes), keys, n_blocks, strict=True
                 )
-            shutil.rmtree(out)
-        os.makedirs(out, exist_ok=True)
+                topk = {k: _topk_merge(*topk[k], *other[k], top_k) for k in keys}
+                nonfinite = {k: nonfinite[k] + counts[k] for k in keys}
+            _summarize(
+                store, out, keys, outs, topk, b, fitted, calibrated, query, nonfinite, per_process
+            )
+        except Exception as e:
+            err = e
+    _agree(err, "while writing the summary", processes)  # summary.json is on disk
+    return load_result(out)
+
+
+def _agree(err: Exception | None, what: str, processes: int) -> None:
+    """Collective: every process learns whether any failed, and then all of them raise.
+
+    The process that failed raises its own error; the others a :class:`StoreError` naming it.
+    Also the barrier between the steps of a multi-process query or fit.
+    """
+    if processes == 1:
+        if err is not None:
+            raise err
+        return
+    got = all_gather_ints([0 if err is None else 1])
+    if err is not None:
+        raise err
+    failed = [i for i in range(got.shape[0]) if got[i, 0]]
+    if failed:
+        raise StoreError(
+            f"process {failed[0]} of {processes} failed {what} (its own error says why); the "
+            "blocks committed so far are kept: run the same call again to resume"
+        )
+
+
+def _progress_path(out: str, process: int, processes: int) -> str:
+    """This process's progress record (``progress.json`` when the query has one process)."""
+    if processes == 1:
+        return os.path.join(out, "progress.json")
+    return os.path.join(out, f"progress-{process:05d}.json")
+
+
+def _open_output(
+    out: str, qpath: str, query: dict[str, Any], resume: bool, process: int, processes: int
+) -> bool:
+    """Collective: whether the query starts afresh; process 0 decides and prepares ``out``.
+
+    Resumed when ``resume`` and ``out`` holds this very query; started afresh (``out`` emptied)
+    when it holds no query yet, or ``resume`` is False.
+    """
+    code, own = 0, None
+    if process == 0:
+        try:
+            code = 1
+            if resume and os.path.exists(qpath):
+                if _load_json(qpath, "a query record") != query:
+                    code = 2
+                    raise _output_error(code, out)
+            else:
+                code = 0
+                if os.path.isdir(out) and os.listdir(out):
+                    if not os.path.exists(qpath):
+                        code = 3
+                        raise _output_error(code, out)
+                    shutil.rmtree(out)
+                os.makedirs(out, exist_ok=True)
+        except (StoreError, OSError) as e:
+            code = code if isinstance(e, StoreError) and code in (2, 3) else 4
+            own = e
+    if processes > 1:
+        code = int(all_gather_ints([code])[0, 0])
+    if own is not None:
+        raise own
+    if code > 1:
+        raise _output_error(code, out)
+    return code == 0
+
+
+def _output_error(code: int, out: str) -> StoreError:
+    if code == 2:
+        return StoreError(
+            f"{out} holds a different query (store, estimator, blocks, devices or processes "
+            "differ); choose another output directory or pass resume=False"
+        )
+    if code == 3:
+        return StoreError(
+            f"out={out} is a directory that holds no jaxmon query; refusing to replace it: "
+            "choose a new or empty directory"
+        )
+    return StoreError(f"process 0 could not prepare the query output {out} (its error says why)")
+
+
+def _score_arrays(
+    out: str, keys: Sequence[str], n: int, b: int, *, create: bool
+) -> dict[str, ts.TensorStore]:
+    """The score arrays of a query: created (process 0 of a fresh query) or opened."""
     outs = {}
     for i, k in enumerate(keys):
-        # The writer's array layout (crc32c-checksummed chunks), in one place.
+        # The writer's array layout (crc32c-checksummed chunks), in one place. Chunks are
+        # blocks, so processes scoring different blocks never write the same file.
         spec = _zarr3_spec(_score_path(out, i, k), (n,), "float32", (b,))
-        if not fresh:
+        if not create:
             spec = {"driver": "zarr3", "kvstore": spec["kvstore"]}
         try:
-            outs[k] = ts.open(spec, open=not fresh).result()
+            outs[k] = ts.open(spec, open=not create).result()
         except Exception as e:
             raise StoreError(
                 _clip(f"cannot open the scores of key {k!r} in {out}: {one_line(e, 120)}")
             ) from e
-    if fresh:
-        _write_json_atomic(qpath, query)
-        _write_json_atomic(ppath, _progress_json(0, topk, nonfinite))
+    return outs
 
-    bar = _Progress(n, progress)
 
-    def issue(i: int):
-        lo = i * b
-        return lo, {t: store.read(t, lo, lo + b) for t in taps}
+def _read_progress(
+    path: str, keys: Sequence[str], n_blocks: int, *, strict: bool = False
+) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+    """``(next block, top-k, non-finite counts)`` of a progress record.
 
-    pending = issue(start_block) if start_block < n_blocks else None
-    for i in range(start_block, n_blocks):
-        lo, futs = pending
-        pending = issue(i + 1) if i + 1 < n_blocks else None  # read-ahead
-        valid = min(b, n - lo)
-        xs = {}
-        for t, fut in futs.items():
-            x = fut.result()
-            if valid < b:  # pad the tail: same shapes, one compilation
-                pad = np.zeros((b, *x.shape[1:]), x.dtype)
-                pad[:valid] = x
-                x = pad
-            xs[t] = jax.device_put(x, row_sharding)
-        mask = jax.device_put(np.arange(b) < valid, row_sharding)
-        scores, finite = jax.device_get(score_fn(fitted_dev, xs, mask))
-        bad = {t: ~np.asarray(finite[t][:valid]) for t in taps}
-        writes = []
-        for k in keys:
-            s = np.asarray(scores[k][:valid], np.float32)
-            writes.append((k, outs[k][lo : lo + valid].write(s)))
-            idx = _block_topk(s, top_k)
-            topk[k] = _topk_merge(*topk[k], lo + idx.astype(np.int64), s[idx], top_k)
-            nonfinite[k] += int(np.logical_or.reduce([bad[t] for t in key_taps[k]]).sum())
-        for k, w in writes:
-            try:
-                w.result()
-            except Exception as e:
-                raise StoreError(
-                    _clip(
-                        f"cannot write the scores of key {k!r}, rows {lo}-{lo + valid - 1}, to "
-                        f"{out}: {one_line(e, 120)}"
-                    )
-                ) from e
-        # The block's scores are on disk: only now does the progress record move past it.
-        _write_json_atomic(ppath, _progress_json(i + 1, topk, nonfinite))
-        bar.update(lo + valid, start_block * b)
-        if callback is not None:
-            callback(lo + valid, n)
-
-    summary = _summarize(store, out, keys, outs, topk, b, fitted, calibrated, query, nonfinite)
-    return QueryResult(out, n, keys, summary)
+    A missing or unreadable record (an older jaxmon's, a process killed before its first
+    record) means "start this process's blocks over", which gives the same output; with
+    ``strict`` (the records of a finished query) it is a :class:`StoreError`.
+    """
+    try:
+        prog = _load_json(path, "a query's progress record")
+        start = int(prog["next_block"])
+        topk = {
+            k: (np.asarray(v["rows"], np.int64), np.asarray(v["scores"], np.float32))
+            for k, v in prog["topk"].items()
+        }
+        nonfinite = {k: int(prog["nonfinite"][k]) for k in keys}
+        if not 0 <= start <= n_blocks or set(topk) != set(keys):
+            raise ValueError("a record of another query")
+        return start, topk, nonfinite
+    except (OSError, KeyError, TypeError, ValueError) as e:  # StoreError is a ValueError
+        if strict:
+            raise StoreError(
+                _clip(f"the progress record {path} is unreadable: {one_line(e)}")
+            ) from e
+        empty = {k: (np.zeros(0, np.int64), np.zeros(0, np.float32)) for k in keys}
+        return 0, empty, dict.fromkeys(keys, 0)
 
 
 def _progress_json(next_block: int, topk, nonfinite: dict[str, int]) -> dict[str, Any]:
@@ -793,7 +1151,7 @@ def _topk_json(topk) -> dict[str, Any]:
 
 
 def _summarize(
-    store, out, keys, outs, topk, b, fitted, calibrated, query, nonfinite
+    store, out, keys, outs, topk, b, fitted, calibrated, query, nonfinite, processes
 ) -> dict[str, Any]:
     """Second, cheap pass over the written scores: per-sequence aggregates and statistics."""
     n = store.rows
@@ -882,6 +1240,7 @@ def _summarize(
         "splits": store.splits,
         "block_rows": b,
         "spec": query["spec"],
+        "processes": processes,
     }
     thresholds = _thresholds(fitted) if calibrated else {}
     for k in keys:
@@ -951,24 +1310,43 @@ def fit_store(
     split: str | None = None,
     block_rows: int | None = None,
     monitor: bool | None = None,
+    devices: Sequence[Any] | None = None,
+    collective: bool | None = None,
 ) -> tuple[Any, Any]:
     """Folds the rows of a store (optionally one split) into an estimator's state.
+
+    Blocks are split over this process's devices (``shard_local``: one replica per device, no
+    communication per block, replicas merged with the estimator's own ``merge`` at the end).
+    Under ``jax.distributed`` every process makes the same call: block ``i`` is folded by
+    process ``i % process_count``, then every process's state is gathered
+    (``process_allgather``) and tree-merged in process order, so every process returns the
+    same state, bit for bit, equal to a one-process fit up to float rounding (row counts
+    exactly). Estimators whose merge is not exact (``spec.mergeable`` False: learned
+    densities) fold every block on one device of every process instead.
 
     Args:
       store: a :class:`Store` or its directory.
       est: the estimator (a monitor receives ``{tap: rows}`` of every tap in the store).
-      state: a state to continue (default ``est.init(example)``).
+      state: a state to continue (default ``est.init(example)``). Process 0's first device
+        continues it; the other replicas start empty (for a calibrated estimator in its
+        calibration pass: its fitted value with empty score sketches), so its rows count once.
       tap: for a single-tap estimator, which tap to fit on (needed with several taps).
       split: only rows of this split (e.g. ``"trusted"``).
-      block_rows: rows per block (chunk aligned; the tail is masked so it compiles once).
+      block_rows: rows per block (chunk aligned, a multiple of the device count; the tail is
+        masked so it compiles once).
       monitor: whether ``est`` takes a dict of taps (default: when its spec is a monitor's).
+      devices: this process's devices to split blocks over (default: ``jax.local_devices()``).
+      collective: ``None`` (default): every process of a ``jax.distributed`` job takes part;
+        ``False``: this process folds the whole store alone.
 
     Returns:
-      ``(state, example)``: the state and the ``init`` example (for checkpoints).
+      ``(state, example)``: the state (on the first of ``devices``) and the ``init`` example
+      (for checkpoints).
 
     Raises:
-      StoreError: a missing tap or split, or rows that cannot be read (a damaged chunk).
-      ConfigError: ``block_rows`` < 1, or ``est`` is not an estimator.
+      StoreError: a missing tap or split, or rows that cannot be read (a damaged chunk); with
+        several processes, on every process when one of them failed.
+      ConfigError: ``block_rows`` < 1, no devices, or ``est`` is not an estimator.
     """
     block_rows = _positive(block_rows, "block_rows", optional=True)
     if not isinstance(est, Estimator):
@@ -976,6 +1354,7 @@ def fit_store(
             f"fit_store: expected a jaxmon Estimator (e.g. jaxmon.gaussian()), got "
             f"{type(est).__name__}"
         )
+    process, processes = resolve_collective(collective)
     store = _as_store(store)
     if monitor is None:
         monitor = est.spec.name == "monitor" or (
@@ -998,40 +1377,125 @@ def fit_store(
         if split not in store.splits:
             raise StoreError(f"the store has no split {split!r} (splits: {store.splits})")
         code = store.splits.index(split)
-    b = _block_rows(store, block_rows, 1)
+    exact = bool(est.spec.mergeable)
+    mesh = _mesh(devices if exact else list(devices or jax.local_devices())[:1])
+    b = _block_rows(store, block_rows, mesh.devices.size)
     example = {
         t: jax.ShapeDtypeStruct((int(store.taps[t].shape[1]),), store.taps[t].dtype.numpy_dtype)
         for t in taps
     }
     if not monitor:
         example = example[taps[0]]
-    if state is None:
-        state = est.init(example)
-    n = store.rows
+    n_blocks = -(-store.rows // b)
+    split_work = exact and processes > 1
+    blocks = _assigned(n_blocks, process, processes) if split_work else list(range(n_blocks))
+    err, local = None, None
+    try:
+        local = _fold_blocks(
+            est,
+            store,
+            taps,
+            monitor,
+            b,
+            blocks,
+            mesh,
+            state,
+            example,
+            code,
+            continues=process == 0 or not split_work,
+        )
+    except Exception as e:
+        if not split_work:
+            raise
+        err = e
+    if not split_work:
+        return local, example
+    _agree(err, "while fitting its blocks", processes)
+    return _merge_processes(est, local, mesh.devices.flat[0]), example
 
-    def issue(lo):
-        return {t: store.read(t, lo, lo + b) for t in taps}
 
-    pending = issue(0) if n else None
-    for lo in range(0, n, b):
-        futs = pending
-        pending = issue(lo + b) if lo + b < n else None
-        valid = min(b, n - lo)
-        xs = {}
-        for t, fut in futs.items():
-            x = fut.result()
-            if valid < b:
-                pad = np.zeros((b, *x.shape[1:]), x.dtype)
-                pad[:valid] = x
-                x = pad
-            xs[t] = jnp.asarray(x)
-        mask = np.arange(b) < valid
-        if code is not None:
-            sp = np.full(b, -1, np.int8)
-            sp[:valid] = store.read_meta("split", lo, lo + b)
-            mask &= sp == code
-        state = est.update(state, xs if monitor else xs[taps[0]], mask=jnp.asarray(mask))
-    return state, example
+def _fold_blocks(
+    est: Estimator,
+    store: Store,
+    taps: list[str],
+    monitor: bool,
+    b: int,
+    blocks: Sequence[int],
+    mesh: jax.sharding.Mesh,
+    state: Any,
+    example: Any,
+    split_code: int | None,
+    *,
+    continues: bool,
+) -> Any:
+    """This process's blocks folded into one state of ``est`` (replicas merged).
+
+    With ``continues`` the first replica starts from ``state`` (else from ``est``'s identity in
+    the pass ``state`` is in); every other replica starts from that identity.
+    """
+    from jaxmon.sharding import merge_replicas, shard_local
+
+    start = est.init(example) if state is None else state
+    blank = _identity_like(est, start, example) if (state is not None) else start
+    first = start if continues else blank
+    devs = list(mesh.devices.flat)
+    if len(devs) == 1:
+        folder, acc = est, first
+        put = lambda x: jax.device_put(x, devs[0])
+    else:
+        folder = shard_local(est, mesh, "data")
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        if state is None:
+            acc = folder.init(example)
+        else:
+            acc = jax.tree.map(
+                lambda f, z: np.stack([np.asarray(f)] + [np.asarray(z)] * (len(devs) - 1)),
+                jax.device_get(first),
+                jax.device_get(blank),
+            )
+            acc = jax.device_put(acc, rows)
+        put = lambda x: jax.device_put(x, rows)
+    meta = () if split_code is None else ("split",)
+    for blk in _read_blocks(store, taps, b, blocks, meta=meta):
+        mask = blk.mask()
+        if split_code is not None:
+            mask &= blk.meta["split"] == split_code
+        xs = {t: put(x) for t, x in blk.taps.items()}
+        # The one update call of a fit over a store (labels, weights... would join it here).
+        acc = folder.update(acc, xs if monitor else xs[taps[0]], mask=put(mask))
+        if len(devs) > 1:
+            # Many forced CPU devices on few cores deadlock when many steps are in flight.
+            jax.block_until_ready(acc)
+    if len(devs) > 1:
+        acc = jax.device_put(merge_replicas(folder, acc), devs[0])
+    return acc
+
+
+def _identity_like(est: Estimator, state: Any, example: Any) -> Any:
+    """The identity of ``est.merge`` for states in the pass ``state`` is in.
+
+    ``est.init(example)``, except for a calibrated estimator in its calibration pass: rows then
+    fold into the score sketches of the stored fitted value, so the identity is ``state`` with
+    empty sketches (its merge keeps one inner state and adds the sketches).
+    """
+    from jaxmon._calibration import CalibratedState
+
+    fresh = est.init(example)
+    if isinstance(state, CalibratedState) and int(jax.device_get(state.phase)) == 1:
+        return state._replace(scores=fresh.scores)
+    return fresh
+
+
+def _merge_processes(est: Estimator, local: Any, device: Any) -> Any:
+    """Every process's state gathered and tree-merged in process order: the same on each."""
+    from jax.experimental import multihost_utils
+
+    from jaxmon.sharding import _tree_merge
+
+    stacked = multihost_utils.process_allgather(jax.device_get(local))
+    # One program on the same inputs in the same order: every process gets identical bits.
+    merged = _tree_merge(est, jax.device_put(stacked, device))
+    return jax.block_until_ready(merged)
 
 
 def _batch_detector(method: str, alpha: float, num_directions: int) -> Estimator:
@@ -1082,6 +1546,7 @@ def score_store_batch(
     resume: bool = True,
     progress: bool | None = None,
     devices: Sequence[Any] | None = None,
+    collective: bool | None = None,
 ) -> QueryResult:
     """Whole-batch detectors (QUE, spectral signatures) over a store, as streaming passes.
 
@@ -1099,7 +1564,8 @@ def score_store_batch(
       method: ``"que"`` (Dong, Hopkins & Li 2019) or ``"spectral"`` (Tran, Li & Madry 2018).
       trusted_split, query_split: the splits whose statistics are compared.
       alpha: QUE's inverse temperature; num_directions: spectral signature directions.
-      block_rows, top_k, resume, progress, devices: as for :func:`score_store`.
+      block_rows, top_k, resume, progress, devices, collective: as for :func:`score_store`
+        (under ``jax.distributed`` every pass is split over the processes).
 
     Returns:
       The :class:`QueryResult` of the scoring pass (one score key).
@@ -1107,8 +1573,9 @@ def score_store_batch(
     from jaxmon.estimators.gaussian import gaussian
 
     g = gaussian()
-    trusted, _ = fit_store(store, g, tap=tap, split=trusted_split, block_rows=block_rows)
-    query_moments, _ = fit_store(store, g, tap=tap, split=query_split, block_rows=block_rows)
+    kw = {"tap": tap, "block_rows": block_rows, "devices": devices, "collective": collective}
+    trusted, _ = fit_store(store, g, split=trusted_split, **kw)
+    query_moments, _ = fit_store(store, g, split=query_split, **kw)
     est = _batch_detector(method, alpha, num_directions)
     return score_store(
         store,
@@ -1121,4 +1588,5 @@ def score_store_batch(
         resume=resume,
         progress=progress,
         devices=devices,
+        collective=collective,
     )

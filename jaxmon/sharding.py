@@ -21,25 +21,38 @@ CPU processes (``tests/test_sharding.py::test_two_process_distributed``).
 Wide taps: ``shard_wide(est, mesh, axis="model")`` keeps a *single* state whose matrix leaves
 (the d×d moments) are sharded by columns over ``axis``, so each device holds d²/M floats; XLA
 (GSPMD) partitions the Gram accordingly, which costs a reduce-scatter of the Gram over the data
-axis per update. It is an alternative to ``shard_local`` (not combined with it yet): use it when
-d×d per device does not fit, ``shard_local`` when communication per step must be zero.
+axis per update. Use it when d×d per device does not fit and the data axis is small.
+
+Both at once, on a 2-D ``(data, model)`` mesh: ``shard_wide(shard_local(est, mesh, "data"),
+mesh, "model")`` (the same as ``shard_local(est, mesh, "data", model_axis="model")``). Each
+data-parallel group of devices keeps one replica, whose matrix leaves are split by columns over
+the group's ``model`` devices: a state leaf ``[R, d, d]`` is laid out ``P("data", None,
+"model")``, d²·R/(R·M) = d²/M floats per device. An update is manual over ``data`` (each group
+folds its own rows into its own replica: nothing crosses the data axis) and automatic (GSPMD)
+over ``model``: the group's devices see the same rows and each computes its columns of the
+Gram; what crosses the model axis is O(n·d) per update (rows and column sums), never d×d.
+:func:`merge_replicas` collapses the replicas into one wide state, or regroups them onto
+another mesh (``into=``): a checkpoint of such a state restores onto a mesh of another shape
+with ``jaxmon.checkpoint.load(..., sharding=...)``, then ``merge_replicas(..., into=...)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmon._base import Estimator, EstimatorSpec, from_spec, register
 from jaxmon.errors import ConfigError
 
-__all__ = ["shard_local", "merge_replicas", "replica_count", "shard_wide"]
+__all__ = ["shard_local", "merge_replicas", "replica_count", "shard_wide", "state_sharding"]
 
 # Inner estimators by the sharded spec's JSON, so merge_replicas finds the exact object
 # (from_spec rebuilds it otherwise).
@@ -73,12 +86,60 @@ def _input_specs(x: Any, axis: str, batch_axis: int | Mapping[str, int]) -> Any:
     return jax.tree.map(lambda leaf: _leaf_spec(leaf, axis, ba), x)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How a ``shard_local`` estimator lays out its state (kept on its ``init``)."""
+
+    inner: Estimator
+    mesh: Mesh
+    axis: str
+    model_axis: str | None
+
+    @property
+    def replicas(self) -> int:
+        return int(self.mesh.shape[self.axis])
+
+    def inner_spec(self, leaf: Any) -> P:
+        """Placement of one inner-state leaf within a replica (columns over the model axis)."""
+        if self.model_axis is None:
+            return P()
+        return _wide_spec(leaf, self.model_axis, int(self.mesh.shape[self.model_axis]))
+
+    def spec(self, leaf: Any) -> P:
+        """Placement of one replica-stacked leaf ``[R, ...]``."""
+        inner = jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype)
+        return P(self.axis, *self.inner_spec(inner))
+
+    def put(self, state: Any) -> Any:
+        """``state`` (replica-stacked) placed or constrained to this layout."""
+
+        def one(leaf):
+            sh = NamedSharding(self.mesh, self.spec(leaf))
+            if isinstance(leaf, jax.core.Tracer):
+                return jax.lax.with_sharding_constraint(leaf, sh)
+            return jax.device_put(leaf, sh)
+
+        return jax.tree.map(one, state)
+
+    def put_inner(self, state: Any) -> Any:
+        """An inner state (no replica axis) in the wide layout (replicated without one)."""
+
+        def one(leaf):
+            sh = NamedSharding(self.mesh, self.inner_spec(leaf))
+            if isinstance(leaf, jax.core.Tracer):
+                return jax.lax.with_sharding_constraint(leaf, sh)
+            return jax.device_put(leaf, sh)
+
+        return jax.tree.map(one, state)
+
+
 def shard_local(
     est: Estimator,
     mesh: Mesh,
     axis: str = "data",
     *,
     batch_axis: int | Mapping[str, int] = 0,
+    model_axis: str | None = None,
 ) -> Estimator:
     """One replica of ``est`` per device along ``axis``; no communication per update.
 
@@ -88,8 +149,12 @@ def shard_local(
       axis: the data-parallel mesh axis the batch is sharded over.
       batch_axis: which axis of each input is the batch axis sharded over ``axis`` (0 for
         ``[batch, seq, d]``); for a monitor's dict input, a dict ``{tap: axis}`` (e.g. 1 for a
-        stacked ``[layers, batch, seq, d]`` tap), others default to 0. ``mask``/``weights``
-        are sharded on their axis 0.
+        stacked ``[layers, batch, seq, d]`` tap), others default to 0. Keyword arrays of
+        ``update`` (``mask``, ``weights``, ``labels``...) are sharded on their axis 0.
+      model_axis: a second mesh axis over which each replica's matrix leaves (d×d moments) are
+        split by columns (wide taps; see the module docstring). Every state leaf of rank >= 2
+        whose last dimension divides evenly over it is split; the rest are replicated within
+        the replica's group.
 
     Returns:
       An :class:`~jaxmon.Estimator` whose state is the inner state with a leading replica axis
@@ -105,64 +170,80 @@ def shard_local(
     """
     if axis not in mesh.shape:
         raise ConfigError(f"shard_local: mesh has axes {tuple(mesh.shape)}, not {axis!r}")
+    if model_axis is not None and (model_axis not in mesh.shape or model_axis == axis):
+        raise ConfigError(
+            f"shard_local: model_axis {model_axis!r} must be another axis of the mesh (its axes: "
+            f"{tuple(mesh.shape)})"
+        )
     replicas = int(mesh.shape[axis])
-    spec = EstimatorSpec(
-        "shard_local",
-        {
-            "estimator": est.spec.to_dict(),
-            "axis": axis,
-            "replicas": replicas,
-            "batch_axis": dict(batch_axis) if isinstance(batch_axis, Mapping) else batch_axis,
-        },
-        mergeable=est.spec.mergeable,
-    )
+    params: dict[str, Any] = {
+        "estimator": est.spec.to_dict(),
+        "axis": axis,
+        "replicas": replicas,
+        "batch_axis": dict(batch_axis) if isinstance(batch_axis, Mapping) else batch_axis,
+    }
+    if model_axis is not None:  # absent otherwise: specs saved before wide taps stay equal
+        params["model_axis"] = model_axis
+        params["model_size"] = int(mesh.shape[model_axis])
+    spec = EstimatorSpec("shard_local", params, mergeable=est.spec.mergeable)
     _INNER[spec.to_json()] = est
-    rep = NamedSharding(mesh, P(axis))
+    layout = _Layout(est, mesh, axis, model_axis)
+    # Manual over the data axis only: the model axis (if any) stays with GSPMD inside.
+    manual = frozenset({axis}) if model_axis is not None else frozenset()
 
     def init(example):
         s = est.init(example)
-
-        def bcast(leaf):
-            leaf = jnp.asarray(leaf)
-            out = jnp.broadcast_to(leaf[None], (replicas, *leaf.shape))
-            return (
-                jax.device_put(out, rep)
-                if not isinstance(out, jax.core.Tracer)
-                else (jax.lax.with_sharding_constraint(out, rep))
+        return layout.put(
+            jax.tree.map(
+                lambda leaf: jnp.broadcast_to(jnp.asarray(leaf)[None], (replicas, *leaf.shape)), s
             )
+        )
 
-        return jax.tree.map(bcast, s)
+    init.jaxmon_layout = layout  # type: ignore[attr-defined]
 
     @jax.jit
-    def update(state, x, *, mask=None, weights=None):
+    def update(state, x, **kwargs):
         x_spec = _input_specs(x, axis, batch_axis)
-        extra = {k: v for k, v in (("mask", mask), ("weights", weights)) if v is not None}
+        extra = {k: v for k, v in kwargs.items() if v is not None}
         extra_spec = {k: P(axis) for k in extra}
 
         def local(s, x, extra):
             s = jax.tree.map(lambda leaf: leaf[0], s)
             s = est.update(s, x, **extra)
+            if model_axis is not None:
+                s = layout.put_inner(s)
             return jax.tree.map(lambda leaf: leaf[None], s)
 
         state_spec = jax.tree.map(lambda _: P(axis), state)
-        return jax.shard_map(
+        out = jax.shard_map(
             local,
             mesh=mesh,
             in_specs=(state_spec, x_spec, extra_spec),
             out_specs=state_spec,
+            axis_names=manual,
             check_vma=False,
         )(state, x, extra)
+        return layout.put(out)
 
     @jax.jit
     def merge(a, b):
         def local(a, b):
             a, b = (jax.tree.map(lambda leaf: leaf[0], t) for t in (a, b))
-            return jax.tree.map(lambda leaf: leaf[None], est.merge(a, b))
+            m = est.merge(a, b)
+            if model_axis is not None:
+                m = layout.put_inner(m)
+            return jax.tree.map(lambda leaf: leaf[None], m)
 
         spec_a = jax.tree.map(lambda _: P(axis), a)
-        return jax.shard_map(
-            local, mesh=mesh, in_specs=(spec_a, spec_a), out_specs=spec_a, check_vma=False
+        out = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(spec_a, spec_a),
+            out_specs=spec_a,
+            axis_names=manual,
+            check_vma=False,
         )(a, b)
+        return layout.put(out)
 
     def finalize(state):
         return est.finalize(_tree_merge(est, state))
@@ -172,28 +253,51 @@ def shard_local(
 
 @register("shard_local")
 def _shard_local_from_spec(
-    estimator: Mapping[str, Any], axis: str, replicas: int, batch_axis: Any = 0
+    estimator: Mapping[str, Any],
+    axis: str,
+    replicas: int,
+    batch_axis: Any = 0,
+    model_axis: str | None = None,
+    model_size: int = 1,
 ) -> Estimator:
-    """Rebuilds a ``shard_local`` estimator on a 1-D mesh of the first ``replicas`` devices."""
+    """Rebuilds a ``shard_local`` estimator on a mesh of the first devices of this process.
+
+    The mesh is 1-D (``replicas`` devices) or, with a model axis, ``(replicas, model_size)``.
+    To continue on a mesh of another shape, build ``shard_local`` on it and regroup the state
+    with :func:`merge_replicas` (``into=``).
+    """
+    need = replicas * (model_size if model_axis is not None else 1)
     devices = jax.devices()
-    if len(devices) < replicas:
+    if len(devices) < need:
         raise ConfigError(
-            f"shard_local spec needs {replicas} devices along {axis!r}, this process sees "
-            f"{len(devices)}; rebuild with jaxmon.sharding.shard_local(jaxmon.from_spec("
-            "spec['params']['estimator']), mesh) on a mesh of your choice"
+            f"shard_local spec needs {need} devices ({replicas} along {axis!r}"
+            + (f" x {model_size} along {model_axis!r}" if model_axis else "")
+            + f"), this process sees {len(devices)}; rebuild with jaxmon.sharding.shard_local("
+            "jaxmon.from_spec(spec['params']['estimator']), mesh) on a mesh of your choice"
         )
-    mesh = Mesh(devices[:replicas], (axis,))
-    return shard_local(from_spec(estimator), mesh, axis, batch_axis=batch_axis)
+    if model_axis is None:
+        mesh = Mesh(devices[:replicas], (axis,))
+    else:
+        mesh = Mesh(np.array(devices[:need]).reshape(replicas, model_size), (axis, model_axis))
+    return shard_local(
+        from_spec(estimator), mesh, axis, batch_axis=batch_axis, model_axis=model_axis
+    )
+
+
+def _layout_of(sharded_est: Estimator, what: str = "merge_replicas") -> _Layout:
+    if sharded_est.spec.name != "shard_local":
+        raise ConfigError(
+            f"{what} expects an estimator built by jaxmon.sharding.shard_local, got "
+            f"{sharded_est.spec.name!r}"
+        )
+    layout = getattr(sharded_est.init, "jaxmon_layout", None)
+    if layout is None:  # a hand-made Estimator with this spec: rebuild it
+        layout = from_spec(sharded_est.spec.to_dict()).init.jaxmon_layout
+    return layout
 
 
 def _inner_of(sharded_est: Estimator) -> Estimator:
-    if sharded_est.spec.name != "shard_local":
-        raise ConfigError(
-            "merge_replicas expects an estimator built by jaxmon.sharding.shard_local, got "
-            f"{sharded_est.spec.name!r}"
-        )
-    inner = _INNER.get(sharded_est.spec.to_json())
-    return inner if inner is not None else from_spec(sharded_est.spec.params["estimator"])
+    return _layout_of(sharded_est).inner
 
 
 def replica_count(state: Any) -> int:
@@ -201,8 +305,8 @@ def replica_count(state: Any) -> int:
     return int(jax.tree.leaves(state)[0].shape[0])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _tree_merge_jit(merge_fn, state):
+def _tree_merge_body(merge_fn, state):
+    """Pairwise tree merge over the leading axis (fixed order: the same bits on every call)."""
     n = jax.tree.leaves(state)[0].shape[0]
     while n > 1:
         half = n // 2
@@ -218,11 +322,22 @@ def _tree_merge_jit(merge_fn, state):
     return jax.tree.map(lambda leaf: leaf[0], state)
 
 
+_tree_merge_jit = jax.jit(_tree_merge_body, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _group_merge_jit(merge_fn, state, groups: int):
+    """Replicas ``[g*k, (g+1)*k)`` merged into replica ``g``, for ``groups`` groups."""
+    k = jax.tree.leaves(state)[0].shape[0] // groups
+    grouped = jax.tree.map(lambda leaf: leaf.reshape(groups, k, *leaf.shape[1:]), state)
+    return jax.vmap(lambda s: _tree_merge_body(merge_fn, s))(grouped)
+
+
 def _tree_merge(est: Estimator, state: Any) -> Any:
     return _tree_merge_jit(est.merge, state)
 
 
-def merge_replicas(sharded_est: Estimator, state: Any) -> Any:
+def merge_replicas(sharded_est: Estimator, state: Any, *, into: Estimator | None = None) -> Any:
     """Collapses the replicas of a ``shard_local`` state into one state of the inner estimator.
 
     Pairwise tree merge with the inner ``merge`` (exact counters stay exact; sketches merge by
@@ -231,11 +346,57 @@ def merge_replicas(sharded_est: Estimator, state: Any) -> Any:
     Args:
       sharded_est: the estimator returned by :func:`shard_local`.
       state: its state (leading replica axis).
+      into: another ``shard_local`` estimator of the same inner estimator, e.g. on a mesh of
+        another shape, whose replica count divides this state's: consecutive groups of
+        replicas are merged into each of its replicas and laid out on its mesh, so the
+        state continues there (see the module docstring).
 
     Returns:
-      A state of the inner estimator, without the replica axis.
+      A state of the inner estimator, without the replica axis (wide leaves split over the
+      model axis when ``sharded_est`` has one); with ``into``, a state of ``into``.
+
+    Raises:
+      ConfigError: not ``shard_local`` estimators, different inner estimators, or an ``into``
+        whose replica count does not divide this state's.
     """
-    return _tree_merge(_inner_of(sharded_est), state)
+    src = _layout_of(sharded_est)
+    if into is None:
+        merged = _tree_merge(src.inner, state)
+        return src.put_inner(merged) if src.model_axis is not None else merged
+    dst = _layout_of(into, "merge_replicas(into=...)")
+    if dst.inner.spec != src.inner.spec:
+        raise ConfigError(
+            "merge_replicas(into=...): the two shard_local estimators wrap different estimators "
+            f"({src.inner.spec.name} vs {dst.inner.spec.name}, or other hyperparameters)"
+        )
+    have = replica_count(state)
+    if have % dst.replicas:
+        raise ConfigError(
+            f"merge_replicas(into=...): {have} replicas cannot be grouped into {dst.replicas}; "
+            "choose a mesh whose data axis divides the saved replica count, or merge to one "
+            "state first (merge_replicas without into=)"
+        )
+    return dst.put(_group_merge_jit(src.inner.merge, state, dst.replicas))
+
+
+def state_sharding(sharded_est: Estimator) -> Callable[[Any], NamedSharding]:
+    """Where a ``shard_local`` or ``shard_wide`` estimator keeps each leaf of its state.
+
+    Returns:
+      A callable ``(leaf: ShapeDtypeStruct or array) -> NamedSharding``: pass it as
+      ``sharding=`` to :func:`jaxmon.checkpoint.load` to restore a state straight into this
+      layout (a saved ``shard_local`` state may hold more replicas than this mesh's data axis,
+      a multiple of it: regroup it with :func:`merge_replicas` ``(into=...)``), or use
+      ``.shard_shape(leaf.shape)`` of its result to count the bytes each device holds.
+
+    Raises:
+      ConfigError: not a ``shard_local`` / ``shard_wide`` estimator.
+    """
+    if sharded_est.spec.name == "shard_wide":
+        mesh, axis, size = sharded_est.init.jaxmon_wide
+        return lambda leaf: NamedSharding(mesh, _wide_spec(leaf, axis, size))
+    layout = _layout_of(sharded_est, "state_sharding")
+    return lambda leaf: NamedSharding(layout.mesh, layout.spec(leaf))
 
 
 def _wide_spec(leaf: Any, axis: str, size: int) -> P:
@@ -253,8 +414,12 @@ def shard_wide(est: Estimator, mesh: Mesh, axis: str = "model") -> Estimator:
     layout pinned (``with_sharding_constraint``), so the layout does not change across
     init/update/merge. Inputs may be sharded over any other axis (the data axis).
 
+    Given a :func:`shard_local` estimator, the two compose: the result is that estimator with
+    each replica's matrix leaves split over ``axis`` (``shard_local(..., model_axis=axis)``, on
+    ``mesh``; see the module docstring).
+
     Args:
-      est: any estimator (a monitor included).
+      est: any estimator (a monitor included), or a ``shard_local`` one.
       mesh: the device mesh.
       axis: the mesh axis the columns of the wide leaves are split over.
 
@@ -263,6 +428,20 @@ def shard_wide(est: Estimator, mesh: Mesh, axis: str = "model") -> Estimator:
     """
     if axis not in mesh.shape:
         raise ConfigError(f"shard_wide: mesh has axes {tuple(mesh.shape)}, not {axis!r}")
+    if est.spec.name == "shard_local":
+        local = _layout_of(est, "shard_wide")
+        if local.axis not in mesh.shape:
+            raise ConfigError(
+                f"shard_wide: the shard_local estimator's data axis {local.axis!r} is not an axis "
+                f"of the mesh {tuple(mesh.shape)}"
+            )
+        return shard_local(
+            local.inner,
+            mesh,
+            local.axis,
+            batch_axis=est.spec.params.get("batch_axis", 0),
+            model_axis=axis,
+        )
     size = int(mesh.shape[axis])
     spec = EstimatorSpec(
         "shard_wide",
@@ -282,9 +461,11 @@ def shard_wide(est: Estimator, mesh: Mesh, axis: str = "model") -> Estimator:
     def init(example):
         return layout(est.init(example))
 
+    init.jaxmon_wide = (mesh, axis, size)  # type: ignore[attr-defined]
+
     @jax.jit
-    def update(state, x, *, mask=None, weights=None):
-        return layout(est.update(state, x, mask=mask, weights=weights))
+    def update(state, x, **kwargs):
+        return layout(est.update(state, x, **kwargs))
 
     @jax.jit
     def merge(a, b):

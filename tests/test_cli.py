@@ -258,3 +258,39 @@ def test_bad_inputs_exit_nonzero_with_one_sentence(tmp_path, rng):
         if "checkpoint" in name:
             assert len(lines[0]) <= 340, lines[0]  # the 300-character sentence and its prefix
     assert not (tmp_path / "c3").exists() and (tmp_path / "a_file").read_text().startswith("not")
+
+
+def test_distributed_flags_and_environment(monkeypatch, capsys, tmp_path):
+    """--coordinator/--num-processes/--process-id (or JAX_* variables) start jax.distributed
+    before any work, for fit and score only; bad values are one sentence."""
+    calls = []
+
+    def initialize(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("no coordinator there")
+
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    fit = ["fit", str(tmp_path / "cfg.json"), str(tmp_path / "st"), "-o", str(tmp_path / "ck")]
+    assert cli.main([*fit, "--num-processes", "2", "--process-id", "0"]) == 2
+    assert "need --coordinator" in _one_sentence(capsys.readouterr().err) and not calls
+    argv = [*fit, "--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "1"]
+    assert cli.main(argv) == 2
+    line = _one_sentence(capsys.readouterr().err)
+    assert "cannot join the jax.distributed job at localhost:1" in line
+    assert calls == [{"coordinator_address": "localhost:1", "num_processes": 2, "process_id": 1}]
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "host0:7")
+    monkeypatch.setenv("JAX_PROCESS_ID", "x")
+    score = ["score", str(tmp_path / "st"), str(tmp_path / "ck"), "-o", str(tmp_path / "q")]
+    assert cli.main(score) == 2
+    assert "JAX_PROCESS_ID='x' is not an integer" in _one_sentence(capsys.readouterr().err)
+    monkeypatch.delenv("JAX_PROCESS_ID")
+    assert cli.main([*score, "--coordinator", "auto"]) == 2  # cluster detection: no arguments
+    assert calls[-1] == {}
+    capsys.readouterr()
+    assert cli.main(score) == 2  # the address alone: jax detects the rest
+    assert calls[-1] == {"coordinator_address": "host0:7"}
+    n = len(calls)
+    assert cli.main(["inspect", str(tmp_path / "ck")]) == 2  # one process: never joins
+    assert len(calls) == n and "no checkpoint" in capsys.readouterr().err

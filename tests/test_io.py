@@ -14,6 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import jaxmon
 from jaxmon import io, query
 from jaxmon.errors import ConfigError, ShapeError, StoreError
 
@@ -456,3 +457,89 @@ def test_truncated_safetensors(tmp_path):
     path = _safetensors_file(tmp_path / "cut.safetensors", header, b"\0" * 40)  # 24 bytes short
     with pytest.raises(StoreError, match="outside the file's 40 data bytes"):
         io.import_safetensors(tmp_path / "s", path)
+
+
+# --------------------------------------------------------------------------- stores of shards
+
+
+def _two_shards(root, rng):
+    """The layout several processes write (built here by one process): two shards whose split
+    lists differ in order, explicit sequence ids, token text; returns what was written."""
+    want = {"h": [], "split": [], "seq": [], "tok": []}
+    for p, splits in ((0, ["trusted", "query"]), (1, ["query", "trusted", "extra"])):
+        with io.ActivationWriter(root / io.shard_path(p), chunk_rows=8, collective=False) as w:
+            for i, sp in enumerate(splits):
+                x = rng.normal(size=(2, 10 + p, 4)).astype(np.float32)
+                ids = 100 * p + 2 * i + np.arange(2)
+                toks = [[f"{p}.{i}.{b}.{t}" for t in range(10 + p)] for b in range(2)]
+                w.write({"h": x}, split=sp, sequence_id=ids, tokens=toks)
+                want["h"].append(x.reshape(-1, 4))
+                want["split"] += [sp] * x.shape[0] * x.shape[1]
+                want["seq"].append(np.repeat(ids, 10 + p))
+                want["tok"] += [t for row in toks for t in row]
+    io._merged_manifest(str(root), 2, []).save(root)
+    return {**want, "h": np.concatenate(want["h"]), "seq": np.concatenate(want["seq"])}
+
+
+def test_a_store_of_process_shards_reads_as_one_in_process_order(tmp_path, rng):
+    root = tmp_path / "st"
+    want = _two_shards(root, rng)
+    n = len(want["h"])
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["version"] == 2 and [s["rows"] for s in manifest["shards"]] == [40, 66]
+    st = query.open_store(root)
+    assert st.rows == n == 106 and st.complete and st.splits == ["trusted", "query", "extra"]
+    np.testing.assert_array_equal(st.read("h", 0, n).result(), want["h"])
+    np.testing.assert_array_equal(st.read("h", 35, 47).result(), want["h"][35:47])  # across
+    np.testing.assert_array_equal(st.read_meta("sequence_id", 0, n), want["seq"])
+    codes = st.read_meta("split", 30, n)
+    assert [st.splits[c] for c in codes] == want["split"][30:]
+    tokens = st.tokens()
+    assert [tokens[r] for r in range(n)] == want["tok"]
+    # The pipeline reads it like any store: a block of 32 rows straddles the two shards.
+    est = jaxmon.gaussian()
+    state, _ = query.fit_store(root, est, split="query", block_rows=32)
+    rows = want["h"][np.asarray(want["split"]) == "query"].astype(np.float64)
+    assert jaxmon.num_rows(state) == len(rows)
+    np.testing.assert_allclose(np.asarray(state.mean), rows.mean(0), rtol=1e-5, atol=1e-6)
+    fitted = est.finalize(state)
+    res = query.score_store(root, est, fitted, out=tmp_path / "q", block_rows=32)
+    ref = np.asarray(est.score(fitted, jnp.asarray(want["h"])))
+    np.testing.assert_allclose(res.scores("h"), ref, rtol=1e-5, atol=1e-5)
+    assert res.summary["processes"] == [{"process": 0, "rows": n}]
+
+
+def test_a_store_of_shards_refuses_damage_naming_the_shard(tmp_path, rng):
+    root = tmp_path / "st"
+    _two_shards(root, rng)
+    chunk = root / "shards" / "00001" / "taps" / "000_h" / "c" / "1" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[9] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    st = query.open_store(root)
+    # Shard 1 starts at row 40: its chunk 1 (8 rows per chunk) holds rows 48-55 of the store.
+    with pytest.raises(
+        StoreError, match=r"chunk file shards/00001/taps/000_h/c/1/0 \(rows 48-55\)"
+    ):
+        st.read("h", 0, 106).result()
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["shards"][1]["rows"] = 70
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"truncated: shard 1 .* holds 66 rows but"):
+        query.open_store(root)
+    manifest["shards"][1]["path"] = "../elsewhere"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="points outside the store"):
+        query.open_store(root)
+    # A job killed before process 1 committed anything: process 0's rows open.
+    manifest["shards"][1]["path"] = "shards/00002"
+    manifest["complete"], manifest["shards"][0]["rows"], manifest["shards"][1]["rows"] = (
+        False,
+        None,
+        None,
+    )
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    st = query.open_store(root)
+    assert st.rows == 40 and not st.complete
+    with pytest.raises(ConfigError, match="collective"):
+        io.ActivationWriter(tmp_path / "other", collective="yes")

@@ -297,3 +297,28 @@ def test_killed_query_resumes_bit_identically(tmp_path, rng):
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name] == b[name], name
+
+
+def test_fit_store_continues_a_calibration_pass_over_eight_devices(store):
+    """The replicas of a continued fit start from the merge identity of its pass: the
+    calibration rows land once in the score sketches, the fitted inner state is kept."""
+    cal = jaxmon.calibrated(jaxmon.gaussian(shrinkage=0.1))
+    s, example = query.fit_store(store, cal, tap="h", split="trusted")
+    one, _ = query.fit_store(store, cal, tap="h", split="trusted", devices=jax.devices()[:1])
+    assert jaxmon.num_rows(s) == jaxmon.num_rows(one)
+    np.testing.assert_allclose(s.inner.m2, one.inner.m2, rtol=1e-5, atol=1e-4)
+    s = jaxmon.begin_calibration(cal, s)
+    inner = jax.device_get(s.inner)
+    s2, _ = query.fit_store(store, cal, s, tap="h", split="query")
+    counts = jaxmon.num_rows(s2)
+    assert counts[".inner.counts"] == 600 and counts[".scores.counts"] == 400
+    for a, b in zip(jax.tree.leaves(s2.inner), jax.tree.leaves(inner), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The same p-values as one stream through the calibration rows (sketch error bound).
+    x = query.open_store(store).taps["h"][600:1000].read().result()
+    ref = cal.update(s, jnp.asarray(x))
+    q = jnp.asarray(x[:50])
+    np.testing.assert_allclose(
+        jaxmon.p_values(cal.finalize(s2), q), jaxmon.p_values(cal.finalize(ref), q), atol=0.01
+    )
+    assert example == jax.ShapeDtypeStruct((D,), jnp.float32)

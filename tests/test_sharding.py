@@ -152,6 +152,7 @@ def test_shard_wide_splits_the_d_by_d_state_over_the_model_axis():
     m2 = s["h"].m2
     assert m2.sharding.spec == P(None, "model") == s0["h"].m2.sharding.spec
     assert m2.addressable_shards[0].data.shape == (8, 2)  # d²/4 floats per device
+    assert js.state_sharding(wide)(m2) == m2.sharding
     leaves_close(s["h"], ref, rtol=1e-4, atol=1e-4)
     leaves_close(wide.merge(s, s)["h"], g.merge(ref, ref), rtol=1e-4, atol=1e-4)
     f = wide.finalize(s)["h"]
@@ -199,3 +200,118 @@ def test_two_process_distributed(tmp_path):
     np.testing.assert_allclose(r["mean"], rows.mean(0), rtol=1e-5)
     centred = rows - rows.mean(0)
     np.testing.assert_allclose(r["m2"], centred.T @ centred, rtol=1e-4, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- wide taps
+
+
+def _moments64(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows = rows.astype(np.float64)
+    c = rows - rows.mean(0)
+    return rows.mean(0), c.T @ c
+
+
+def _collective_shapes(compiled_text: str) -> list[str]:
+    """Result shapes of every cross-device collective in compiled HLO text."""
+    import re
+
+    ops = r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+    return re.findall(rf"= (\([^()]*\)|\S+) {ops}(?:-start)?\(", compiled_text)
+
+
+def test_shard_wide_composed_with_shard_local_on_a_data_by_model_mesh():
+    """Replicas over "data", each replica's d×d moments split by columns over "model"."""
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AUTO, AUTO))
+    g = jaxmon.gaussian(shrinkage="ledoit_wolf")
+    sest = js.shard_wide(js.shard_local(g, mesh, "data"), mesh, "model")
+    assert sest.spec == js.shard_local(g, mesh, "data", model_axis="model").spec
+    d = 24
+    s0 = sest.init(jax.ShapeDtypeStruct((d,), jnp.float32))
+    rng = np.random.default_rng(5)
+    s, rows, per_replica = s0, [], [[] for _ in range(4)]
+    for _ in range(3):
+        x = (normal_rows(rng, 64, d) * 3 + 40).astype(np.float32)  # means far above the spread
+        m = rng.random(64) < 0.8
+        s = sest.update(s, _put(mesh, x), mask=_put(mesh, m))
+        jax.block_until_ready(s)  # the deadlock trap: block every step
+        rows.append(x[m])
+        for r in range(4):  # the rows of data group r: its contiguous quarter of the batch
+            sl = slice(16 * r, 16 * (r + 1))
+            per_replica[r].append(x[sl][m[sl]])
+    for leaf, leaf0 in zip(jax.tree.leaves(s), jax.tree.leaves(s0), strict=True):
+        assert leaf.sharding.spec == leaf0.sharding.spec and leaf.shape == leaf0.shape
+    assert s.m2.sharding.spec == P("data", None, "model")
+    assert s.m2.addressable_shards[0].data.shape == (1, d, d // 2)  # d²/2 floats per device
+    # Each replica holds exactly its own group's rows: nothing crossed the data axis.
+    for r in range(4):
+        mean, m2 = _moments64(np.concatenate(per_replica[r]))
+        np.testing.assert_allclose(np.asarray(s.mean[r]), mean, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(s.m2[r]), m2, rtol=2e-5, atol=2e-3)
+    # What crosses the model axis per update is O(n·d): never a d×d matrix.
+    text = jax.jit(sest.update).lower(s, _put(mesh, x), mask=_put(mesh, m)).compile().as_text()
+    shapes = _collective_shapes(text)
+    assert shapes, "expected some O(n·d) collectives over the model axis"
+    assert not any(f"{d},{d}]" in sh or f"{d},{d // 2}]" in sh for sh in shapes), shapes
+    merged = js.merge_replicas(sest, s)
+    assert merged.m2.sharding.spec == P(None, "model")
+    all_rows = np.concatenate(rows)
+    mean, m2 = _moments64(all_rows)
+    assert jaxmon.num_rows(merged) == len(all_rows)
+    np.testing.assert_allclose(np.asarray(merged.mean), mean, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(merged.m2), m2, rtol=2e-5, atol=2e-3)
+    from sklearn.covariance import LedoitWolf
+
+    ref = LedoitWolf().fit(all_rows.astype(np.float64)).covariance_
+    np.testing.assert_allclose(np.asarray(sest.finalize(s).covariance), ref, rtol=1e-4, atol=1e-4)
+    # Replica-wise merge keeps the layout and equals merging the rows twice.
+    twice = js.merge_replicas(sest, sest.merge(s, s))
+    assert sest.merge(s, s).m2.sharding.spec == P("data", None, "model")
+    np.testing.assert_allclose(np.asarray(twice.m2), 2 * m2, rtol=2e-5, atol=4e-3)
+    assert jaxmon.from_spec(sest.spec.to_json()).spec == sest.spec
+
+
+def test_wide_replicas_checkpoint_onto_a_mesh_of_another_shape(tmp_path):
+    """Saved on a (4 data × 2 model) mesh, restored onto (2 × 4), regrouped, continued."""
+    from jaxmon import checkpoint
+
+    from laws import assert_trees_equal
+
+    d = 16
+    g = jaxmon.gaussian()
+    mesh_a = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AUTO, AUTO))
+    sest_a = js.shard_local(g, mesh_a, "data", model_axis="model")
+    rng = np.random.default_rng(6)
+    s_a, rows = sest_a.init(jax.ShapeDtypeStruct((d,), jnp.float32)), []
+    for _ in range(2):
+        x = (normal_rows(rng, 32, d) + 7).astype(np.float32)
+        s_a = sest_a.update(s_a, _put(mesh_a, x))
+        jax.block_until_ready(s_a)
+        rows.append(x)
+    checkpoint.save(tmp_path / "ck", sest_a, s_a, fitted=sest_a.finalize(s_a))
+
+    mesh_b = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AUTO, AUTO))
+    sest_b = js.shard_local(g, mesh_b, "data", model_axis="model")
+    ck = checkpoint.load(
+        tmp_path / "ck",
+        sharding=js.state_sharding(sest_b),  # the same layout rule, on the new mesh
+        fitted_sharding=NamedSharding(mesh_b, P()),
+    )
+    assert ck.estimator.spec == sest_a.spec
+    assert ck.state.m2.sharding.spec == P("data", None, "model")
+    assert ck.state.m2.addressable_shards[0].data.shape == (2, d, d // 4)
+    assert_trees_equal(ck.state, s_a)  # bit for bit, whatever the layout
+    s_b = js.merge_replicas(ck.estimator, ck.state, into=sest_b)
+    assert js.replica_count(s_b) == 2 and s_b.m2.sharding.spec == P("data", None, "model")
+    assert s_b.m2.addressable_shards[0].data.shape == (1, d, d // 4)
+    x = (normal_rows(rng, 32, d) + 7).astype(np.float32)
+    s_b = sest_b.update(s_b, _put(mesh_b, x))
+    jax.block_until_ready(s_b)
+    rows.append(x)
+    merged = js.merge_replicas(sest_b, s_b)
+    mean, m2 = _moments64(np.concatenate(rows))
+    assert jaxmon.num_rows(merged) == 96
+    np.testing.assert_allclose(np.asarray(merged.mean), mean, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(merged.m2), m2, rtol=2e-5, atol=1e-3)
+    with pytest.raises(jaxmon.errors.ConfigError, match="cannot be grouped"):
+        mesh_c = jax.make_mesh((8,), ("data",), axis_types=(AUTO,))
+        js.merge_replicas(sest_b, s_b, into=js.shard_local(g, mesh_c))
