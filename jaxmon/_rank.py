@@ -24,7 +24,7 @@ from jaxmon._aggregate import sequence_scores
 from jaxmon._base import Estimator, require_fitted
 from jaxmon.errors import ConfigError, ShapeError
 
-__all__ = ["rank_detectors"]
+__all__ = ["rank_detectors", "rank_scores", "format_ranking"]
 
 _REDUCTIONS = ("max", "mean", "max_rolling_mean")
 _COMBINE = ("fisher", "bonferroni", "cauchy")
@@ -158,20 +158,11 @@ def rank_detectors(
       NotFittedError: ``fitted`` was fitted on no rows.
       ConfigError / ShapeError: bad arguments or shapes.
     """
-    for r in reductions:
-        if r not in _REDUCTIONS:
-            raise ConfigError(f"rank_detectors: reductions must be among {_REDUCTIONS}, got {r!r}")
-    if not 0.0 < fpr < 1.0:
-        raise ConfigError(f"rank_detectors: fpr must lie in (0, 1), got {fpr}")
+    _check_args(reductions, fpr)
     require_fitted(fitted, "rank_detectors")
     score = functools.partial(_score_all, est, fitted, batch_rows=batch_rows)
     sc, sf = score(clean), score(flagged)
-    from jaxmon._calibration import CalibratedFitted
-
-    if isinstance(fitted, CalibratedFitted) and len(sc) > 1:
-        sc, sf = _with_combinations(sc), _with_combinations(sf)
-    kw = {"fpr": fpr, "n_boot": n_boot, "level_ci": level, "seed": seed}
-    out = [_entry(k, "token", None, sc[k], sf[k], **kw) for k in sc]
+    ids = None
     if sequence_id is not None:
         ids = [np.asarray(i).reshape(-1) for i in sequence_id]
         for which, x, i in (("clean", clean, ids[0]), ("flagged", flagged, ids[1])):
@@ -180,9 +171,84 @@ def rank_detectors(
                     f"rank_detectors: {which} sequence ids hold {i.size} entries for "
                     f"{int(np.prod(_lead(x)))} rows of leading shape {list(_lead(x))}"
                 )
+    from jaxmon._calibration import CalibratedFitted
+
+    return rank_scores(
+        sc,
+        sf,
+        sequence_id=None if ids is None else (ids[0], ids[1]),
+        calibrated=isinstance(fitted, CalibratedFitted),
+        reductions=reductions,
+        window=window,
+        fpr=fpr,
+        n_boot=n_boot,
+        level=level,
+        seed=seed,
+    )
+
+
+def _check_args(reductions: Sequence[str], fpr: float) -> None:
+    for r in reductions:
+        if r not in _REDUCTIONS:
+            raise ConfigError(f"rank_detectors: reductions must be among {_REDUCTIONS}, got {r!r}")
+    if not 0.0 < fpr < 1.0:
+        raise ConfigError(f"rank_detectors: fpr must lie in (0, 1), got {fpr}")
+
+
+def rank_scores(
+    clean: Mapping[str, np.ndarray],
+    flagged: Mapping[str, np.ndarray],
+    *,
+    sequence_id: tuple[np.ndarray, np.ndarray] | None = None,
+    calibrated: bool = False,
+    reductions: Sequence[str] = _REDUCTIONS,
+    window: int = 16,
+    fpr: float = 0.01,
+    n_boot: int = 200,
+    level: float = 0.95,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """:func:`rank_detectors` on scores already computed (e.g. read from a batch query).
+
+    Args:
+      clean, flagged: ``{key: scores [rows]}`` of clean and flagged rows.
+      sequence_id: ``(ids_clean, ids_flagged)``, one id per row: also rank sequence aggregates.
+      calibrated: the scores are calibrated (``-log10 p``): also rank their combinations
+        across keys (Fisher, Bonferroni, Cauchy).
+      reductions, window, fpr, n_boot, level, seed: as for :func:`rank_detectors`.
+
+    Returns:
+      As :func:`rank_detectors`.
+    """
+    _check_args(reductions, fpr)
+    sc = {k: np.asarray(v, np.float64).reshape(-1) for k, v in clean.items()}
+    sf = {k: np.asarray(v, np.float64).reshape(-1) for k, v in flagged.items()}
+    if calibrated and len(sc) > 1:
+        sc, sf = _with_combinations(sc), _with_combinations(sf)
+    kw = {"fpr": fpr, "n_boot": n_boot, "level_ci": level, "seed": seed}
+    out = [_entry(k, "token", None, sc[k], sf[k], **kw) for k in sc]
+    if sequence_id is not None:
+        ids = [np.asarray(i).reshape(-1) for i in sequence_id]
         for r in reductions:
             qc = _sequence_level(sc, ids[0], r, window)
             qf = _sequence_level(sf, ids[1], r, window)
             out += [_entry(k, "sequence", r, qc[k], qf[k], **kw) for k in qc]
     out.sort(key=lambda e: (-e["auroc"], e["key"], e["level"], e["reduce"] or ""))
     return out
+
+
+def format_ranking(ranked: Sequence[Mapping[str, Any]], *, limit: int | None = None) -> str:
+    """A plain-text table of a ranking: one line per entry, best first."""
+    rows = list(ranked)[:limit] if limit else list(ranked)
+    recall = next((k for k in rows[0] if k.startswith("recall_at_")), None) if rows else None
+    wk = max([len("key")] + [len(r["key"]) for r in rows])
+    head = f"{'key':{wk}s}  {'level':8s} {'reduce':16s}  AUROC  [95% CI]         R@FPR"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        red = r["reduce"] or "-"
+        rec = r[recall] if recall else float("nan")
+        lines.append(
+            f"{r['key']:{wk}s}  {r['level']:8s} {red:16s}  {r['auroc']:.3f}  "
+            f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]  {rec:.3f}"
+        )
+    return "\n".join(lines)

@@ -246,6 +246,44 @@ def _score(args) -> None:
         print(f"  {key}: most anomalous {best}")
 
 
+def _rank(args) -> None:
+    from jaxmon import query
+    from jaxmon._rank import format_ranking
+
+    if (args.checkpoint is None) == (args.query is None):
+        raise CliError("rank needs a CHECKPOINT to score the store with, or --query Q (not both)")
+    if args.checkpoint is not None and args.out is None:
+        raise CliError("rank with a checkpoint scores the store: give -o OUT for the scores")
+    kw = {}
+    if args.checkpoint is not None:
+        from jaxmon import checkpoint
+
+        _writable_dir(args.out)
+        kw = {"est_or_checkpoint": checkpoint.load(args.checkpoint), "out": args.out}
+        if args.tap:
+            kw["tap"] = args.tap
+    ranked = query.rank_store(
+        args.store,
+        query=args.query,
+        flagged=args.flagged,
+        trusted=args.trusted,
+        window=args.window,
+        fpr=args.fpr,
+        n_boot=args.n_boot,
+        **kw,
+    )
+    if args.json:
+        print(json.dumps(ranked, indent=1))
+        return
+    n = ranked[0]
+    print(
+        f"{len(ranked)} keys and aggregations ranked by AUROC of {n['n_flagged']:,} rows labelled "
+        f"{args.flagged} against {n['n_clean']:,} labelled {args.trusted} (token level; "
+        f"{args.n_boot} bootstrap resamples, 95% intervals; recall at {args.fpr:g} FPR):"
+    )
+    print(format_ranking(ranked, limit=args.limit))
+
+
 def _report(args) -> None:
     from jaxmon import report
 
@@ -379,6 +417,30 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=100, help="most anomalous tokens kept per key")
     s.add_argument("--restart", action="store_true", help="start over instead of resuming")
     s.set_defaults(fn=_score)
+
+    k = sub.add_parser(
+        "rank",
+        help="rank a monitor's keys by how well they separate flagged rows of a store",
+        description="Rank every score key (and sequence aggregation) of a monitor by AUROC of "
+        "the store's rows labelled --flagged against those labelled --trusted, with bootstrap "
+        "confidence intervals. Scores the store with CHECKPOINT into -o, or ranks a finished "
+        "query (--query).",
+    )
+    k.add_argument("store", help="activation store directory (its label column is used)")
+    k.add_argument("checkpoint", nargs="?", help="checkpoint to score the store with")
+    k.add_argument("-o", "--out", help="query output directory (with a checkpoint)")
+    k.add_argument("--query", help="rank this finished query of the store instead of scoring")
+    k.add_argument("--tap", help="tap scored by a single-tap estimator")
+    k.add_argument(
+        "--flagged", type=int, nargs="+", default=[1], help="label value(s) of flagged rows"
+    )
+    k.add_argument("--trusted", type=int, default=0, help="label value of clean rows")
+    k.add_argument("--window", type=int, default=16, help="tokens per rolling window")
+    k.add_argument("--fpr", type=float, default=0.01, help="false-positive rate of the recall")
+    k.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples")
+    k.add_argument("--limit", type=int, help="print only the best N entries")
+    k.add_argument("--json", action="store_true", help="print JSON")
+    k.set_defaults(fn=_rank)
 
     r = sub.add_parser("report", help="write an HTML report with PNG plots for a query")
     r.add_argument("query", help="query output directory written by `jaxmon score`")

@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
-from jaxmon._base import Estimator, nonfinite_rows, require_fitted
+from jaxmon._base import Estimator, label_kwargs, nonfinite_rows, require_fitted
 from jaxmon.errors import ConfigError, StoreError, one_line
 from jaxmon.io import (
     MANIFEST,
@@ -89,6 +89,7 @@ __all__ = [
     "fit_store",
     "load_result",
     "open_store",
+    "rank_store",
     "score_store",
     "score_store_batch",
 ]
@@ -636,18 +637,43 @@ def _block_rows_of(n: int, b: int, blocks: Sequence[int]) -> int:
     return int(sum(max(0, min(b, n - i * b)) for i in blocks))
 
 
-def _scorer(est: Estimator, monitor: bool, taps: list[str], mesh) -> Callable:
+def _scorer(est: Estimator, monitor: bool, taps: list[str], mesh, fitted: Any) -> Callable:
+    """The jitted block scorer: ``(scores, finite, raw)``.
+
+    For a calibrated fitted value the rows are scored once: the inner estimator's raw scores,
+    and the calibrated ``-log10 p`` looked up from them (:func:`jaxmon.p_values_of_scores`);
+    ``raw`` is None otherwise.
+    """
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    inner = None
+    if _is_calibrated(fitted):
+        from jaxmon._calibration import _inner_for
+
+        inner = _inner_for(fitted.spec)
+
+    def as_dict(out):
+        out = out if monitor else {taps[0]: out}
+        return {k: v.astype(jnp.float32) for k, v in out.items()}
 
     def f(fitted, xs, mask):
-        out = est.score(fitted, xs if monitor else xs[taps[0]], mask=mask)
-        out = out if monitor else {taps[0]: out}
+        x = xs if monitor else xs[taps[0]]
+        raw = None
+        if inner is None:
+            out = est.score(fitted, x, mask=mask)
+        else:
+            from jaxmon._calibration import p_values_of_scores
+
+            raw = inner.score(fitted.inner, x, mask=mask)
+            lp = p_values_of_scores(fitted, raw, log=True)
+            # -log10 p, 0 on masked rows: exactly what calibrated(...).score gives.
+            out = jax.tree.map(lambda v: jnp.where(mask, -v / jnp.log(10.0), 0.0), lp)
+            raw = as_dict(raw)
         # Which rows hold a NaN/inf, per tap, whatever the estimator made of them. The same
         # expression as the estimators' own check (finish_scores), so XLA computes it once:
         # measured free next to a Gaussian score (an all(isfinite) here cost ~5%).
         finite = {t: ~nonfinite_rows(x) for t, x in xs.items()}
-        return {k: v.astype(jnp.float32) for k, v in out.items()}, finite
+        return as_dict(out), finite, raw
 
     return jax.jit(f, in_shardings=(rep, rows, rows), out_shardings=rows), rows, rep
 
@@ -700,16 +726,29 @@ class QueryResult:
         """The top-k most anomalous tokens of ``key``: row, score, sequence_id, position."""
         return self.summary["keys"][key]["top"]
 
-    def scores(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def scores(
+        self, key: str, start: int = 0, stop: int | None = None, *, raw: bool = False
+    ) -> np.ndarray:
         """Per-token scores of ``key`` for rows ``[start, stop)`` (float32).
 
+        Args:
+          key: a score key.
+          start, stop: the rows.
+          raw: for a calibrated query, the raw inner scores (kept by the same pass) instead of
+            the calibrated ``-log10 p``.
+
         Raises:
-          StoreError: no such key, or the scores cannot be read (a damaged chunk).
+          StoreError: no such key, no raw scores kept, or the scores cannot be read.
         """
         if key not in self.keys:
             raise StoreError(f"the query has no score key {key!r} (keys: {self.keys})")
-        what = f"scores of key {key!r}"
-        arr = _open_array(_score_path(self.directory, self.keys.index(key), key), what)
+        if raw and not self.summary.get("raw"):
+            raise StoreError(
+                f"the query in {self.directory} kept no raw scores (only calibrated queries do)"
+            )
+        what = f"{'raw ' if raw else ''}scores of key {key!r}"
+        path = _score_path(self.directory, self.keys.index(key), key, raw=raw)
+        arr = _open_array(path, what)
         start = max(0, min(int(start), self.rows))
         stop = max(start, self.rows if stop is None else min(int(stop), self.rows))
         fail = lambda e: _read_error(e, self.directory, what, arr, start, stop)
@@ -757,10 +796,14 @@ def load_result(directory: str | os.PathLike) -> QueryResult:
     return QueryResult(directory, int(summary["rows"]), list(summary["keys"]), summary)
 
 
-def _score_path(out: str, i: int, key: str) -> str:
+_RAW = "\x00raw:"  # prefix of raw-score arrays in a query's array dict (not a key name)
+
+
+def _score_path(out: str, i: int, key: str, *, raw: bool = False) -> str:
     import re
 
-    return os.path.join(out, "scores", f"{i:03d}_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", key)[:80])
+    name = f"{i:03d}_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", key)[:80]
+    return os.path.join(out, "raw" if raw else "scores", name)
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
@@ -874,7 +917,7 @@ def score_store(
     b = _block_rows(store, block_rows, n_dev)
     n = store.rows
     n_blocks = -(-n // b)
-    score_fn, row_sharding, rep = _scorer(est, monitor, taps, mesh)
+    score_fn, row_sharding, rep = _scorer(est, monitor, taps, mesh, fitted)
     fitted_dev = jax.device_put(fitted, rep)
 
     # Trace and compile once for the padded block shape; every block (the tail too) reuses it.
@@ -908,6 +951,8 @@ def score_store(
         "top_k": top_k,
         **info,
     }
+    if calibrated:  # the raw inner scores are kept too (scored once)
+        query["raw"] = True
     if processes > 1:  # a one-process query keeps the record earlier versions wrote
         query["processes"] = processes
     qpath = os.path.join(out, "query.json")
@@ -922,7 +967,7 @@ def score_store(
     outs: dict[str, ts.TensorStore] | None = None
     if fresh and process == 0:
         try:
-            outs = _score_arrays(out, keys, n, b, create=True)
+            outs = _score_arrays(out, keys, n, b, create=True, raw=calibrated)
             if processes > 1:
                 _write_json_atomic(qpath, query)
         except Exception as e:
@@ -935,7 +980,7 @@ def score_store(
         _agree(err, "while creating the output", processes)
     try:
         if outs is None:
-            outs = _score_arrays(out, keys, n, b, create=False)
+            outs = _score_arrays(out, keys, n, b, create=False, raw=calibrated)
         start_block = 0
         if not fresh:
             start_block, topk, nonfinite = _read_progress(ppath, keys, n_blocks)
@@ -952,12 +997,15 @@ def score_store(
             lo, valid = blk.start, blk.valid
             xs = {t: jax.device_put(x, row_sharding) for t, x in blk.taps.items()}
             mask = jax.device_put(blk.mask(), row_sharding)
-            scores, finite = jax.device_get(score_fn(fitted_dev, xs, mask))
+            scores, finite, raw = jax.device_get(score_fn(fitted_dev, xs, mask))
             bad = {t: ~np.asarray(finite[t][:valid]) for t in taps}
             writes = []
             for k in keys:
                 sc = np.asarray(scores[k][:valid], np.float32)
                 writes.append((k, outs[k][lo : lo + valid].write(sc)))
+                if raw is not None:
+                    rs = np.asarray(raw[k][:valid], np.float32)
+                    writes.append((k, outs[_RAW + k][lo : lo + valid].write(rs)))
                 idx = _block_topk(sc, top_k)
                 topk[k] = _topk_merge(*topk[k], lo + idx.astype(np.int64), sc[idx], top_k)
                 nonfinite[k] += int(np.logical_or.reduce([bad[t] for t in key_taps[k]]).sum())
@@ -1090,22 +1138,27 @@ def _output_error(code: int, out: str) -> StoreError:
 
 
 def _score_arrays(
-    out: str, keys: Sequence[str], n: int, b: int, *, create: bool
+    out: str, keys: Sequence[str], n: int, b: int, *, create: bool, raw: bool = False
 ) -> dict[str, ts.TensorStore]:
-    """The score arrays of a query: created (process 0 of a fresh query) or opened."""
+    """The score arrays of a query: created (process 0 of a fresh query) or opened.
+
+    With ``raw`` (a calibrated query), the raw inner scores too, keyed ``_RAW + key``.
+    """
     outs = {}
-    for i, k in enumerate(keys):
-        # The writer's array layout (crc32c-checksummed chunks), in one place. Chunks are
-        # blocks, so processes scoring different blocks never write the same file.
-        spec = _zarr3_spec(_score_path(out, i, k), (n,), "float32", (b,))
-        if not create:
-            spec = {"driver": "zarr3", "kvstore": spec["kvstore"]}
-        try:
-            outs[k] = ts.open(spec, open=not create).result()
-        except Exception as e:
-            raise StoreError(
-                _clip(f"cannot open the scores of key {k!r} in {out}: {one_line(e, 120)}")
-            ) from e
+    for kind, prefix in (("scores", ""), ("raw scores", _RAW)) if raw else (("scores", ""),):
+        for i, k in enumerate(keys):
+            # The writer's array layout (crc32c-checksummed chunks), in one place. Chunks are
+            # blocks, so processes scoring different blocks never write the same file.
+            path = _score_path(out, i, k, raw=bool(prefix))
+            spec = _zarr3_spec(path, (n,), "float32", (b,))
+            if not create:
+                spec = {"driver": "zarr3", "kvstore": spec["kvstore"]}
+            try:
+                outs[prefix + k] = ts.open(spec, open=not create).result()
+            except Exception as e:
+                raise StoreError(
+                    _clip(f"cannot open the {kind} of key {k!r} in {out}: {one_line(e, 120)}")
+                ) from e
     return outs
 
 
@@ -1241,6 +1294,7 @@ def _summarize(
         "block_rows": b,
         "spec": query["spec"],
         "processes": processes,
+        "raw": bool(query.get("raw", False)),
     }
     thresholds = _thresholds(fitted) if calibrated else {}
     for k in keys:
@@ -1310,6 +1364,7 @@ def fit_store(
     split: str | None = None,
     block_rows: int | None = None,
     monitor: bool | None = None,
+    labels: bool | Mapping[int, int] | None = None,
     devices: Sequence[Any] | None = None,
     collective: bool | None = None,
 ) -> tuple[Any, Any]:
@@ -1335,6 +1390,11 @@ def fit_store(
       block_rows: rows per block (chunk aligned, a multiple of the device count; the tail is
         masked so it compiles once).
       monitor: whether ``est`` takes a dict of taps (default: when its spec is a monitor's).
+      labels: the store's ``label`` column as row labels (0 = trusted, 1 = flagged, anything
+        else = unknown): ``True``, or a mapping of stored values to labels (unmapped values are
+        unknown, e.g. ``{0: 0, 2: 1}`` fits a probe of stored label 2 against label 0). Default
+        (``None``): used when ``est`` learns from labels (``spec.supervised``), not otherwise.
+        Unsupervised estimators (and a monitor's unsupervised keys) fold only label-0 rows.
       devices: this process's devices to split blocks over (default: ``jax.local_devices()``).
       collective: ``None`` (default): every process of a ``jax.distributed`` job takes part;
         ``False``: this process folds the whole store alone.
@@ -1377,6 +1437,7 @@ def fit_store(
         if split not in store.splits:
             raise StoreError(f"the store has no split {split!r} (splits: {store.splits})")
         code = store.splits.index(split)
+    relabel = _relabel(labels if labels is not None else est.spec.supervised)
     exact = bool(est.spec.mergeable)
     mesh = _mesh(devices if exact else list(devices or jax.local_devices())[:1])
     b = _block_rows(store, block_rows, mesh.devices.size)
@@ -1403,6 +1464,7 @@ def fit_store(
             example,
             code,
             continues=process == 0 or not split_work,
+            relabel=relabel,
         )
     except Exception as e:
         if not split_work:
@@ -1427,6 +1489,7 @@ def _fold_blocks(
     split_code: int | None,
     *,
     continues: bool,
+    relabel: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Any:
     """This process's blocks folded into one state of ``est`` (replicas merged).
 
@@ -1455,20 +1518,47 @@ def _fold_blocks(
             )
             acc = jax.device_put(acc, rows)
         put = lambda x: jax.device_put(x, rows)
-    meta = () if split_code is None else ("split",)
+    meta = (() if split_code is None else ("split",)) + (() if relabel is None else ("label",))
     for blk in _read_blocks(store, taps, b, blocks, meta=meta):
         mask = blk.mask()
         if split_code is not None:
             mask &= blk.meta["split"] == split_code
         xs = {t: put(x) for t, x in blk.taps.items()}
-        # The one update call of a fit over a store (labels, weights... would join it here).
-        acc = folder.update(acc, xs if monitor else xs[taps[0]], mask=put(mask))
+        lab = None if relabel is None else put(relabel(blk.meta["label"]))
+        # The one update call of a fit over a store: labels for supervised estimators, a mask
+        # of trusted rows for the others (label_kwargs).
+        kw = label_kwargs(folder, put(mask), lab)
+        acc = folder.update(acc, xs if monitor else xs[taps[0]], **kw)
         if len(devs) > 1:
             # Many forced CPU devices on few cores deadlock when many steps are in flight.
             jax.block_until_ready(acc)
     if len(devs) > 1:
         acc = jax.device_put(merge_replicas(folder, acc), devs[0])
     return acc
+
+
+def _relabel(labels: bool | Mapping[int, int]) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Stored label values -> row labels (0 trusted, 1 flagged, -1 unknown), or None."""
+    if labels is False:
+        return None
+    if labels is True:
+        return lambda v: np.where((v == 0) | (v == 1), v, -1).astype(np.int32)
+    if not isinstance(labels, Mapping) or not all(
+        isinstance(k, int | np.integer) and v in (-1, 0, 1) for k, v in labels.items()
+    ):
+        raise ConfigError(
+            f"labels must be True, False or a mapping of stored label values to 0 (trusted), 1 "
+            f"(flagged) or -1 (unknown), got {labels!r}"
+        )
+    table = {int(k): int(v) for k, v in labels.items()}
+
+    def remap(v: np.ndarray) -> np.ndarray:
+        out = np.full(v.shape, -1, np.int32)
+        for k, lab in table.items():
+            out[v == k] = lab
+        return out
+
+    return remap
 
 
 def _identity_like(est: Estimator, state: Any, example: Any) -> Any:
@@ -1589,4 +1679,103 @@ def score_store_batch(
         progress=progress,
         devices=devices,
         collective=collective,
+    )
+
+
+# --------------------------------------------------------------------------- ranking
+
+
+def rank_store(
+    store: Store | str | os.PathLike,
+    est_or_checkpoint: Any = None,
+    fitted: Any = None,
+    *,
+    query: QueryResult | str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    flagged: int | Sequence[int] = 1,
+    trusted: int = 0,
+    sequences: bool = True,
+    reductions: Sequence[str] = ("max", "mean", "max_rolling_mean"),
+    window: int = 16,
+    fpr: float = 0.01,
+    n_boot: int = 200,
+    level: float = 0.95,
+    seed: int = 0,
+    **score_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """:func:`jaxmon.rank_detectors` over a store, with the store's ``label`` column.
+
+    Every score key (and, with ``sequences``, every sequence aggregation; for a calibrated
+    query, the combinations across keys) is ranked by AUROC of the rows labelled ``flagged``
+    against the rows labelled ``trusted``, with a bootstrap interval and the recall at ``fpr``.
+    The rows are scored once: give ``query=`` (a finished :func:`score_store` of this store),
+    or ``out=`` to score the store there first (``score_kwargs`` go to :func:`score_store`).
+
+    Args:
+      store: the store (its ``label`` and ``sequence_id`` columns are read).
+      est_or_checkpoint, fitted: what to score with, as for :func:`score_store` (unless
+        ``query`` is given).
+      query: a finished query of ``store`` to rank, instead of scoring.
+      out: where to score the store (when no ``query`` is given).
+      flagged: the stored label value(s) of the flagged rows.
+      trusted: the stored label value of the clean rows.
+      sequences: also rank sequence aggregates (by the ``sequence_id`` column).
+      reductions, window, fpr, n_boot, level, seed: as for :func:`jaxmon.rank_detectors`.
+
+    Returns:
+      As :func:`jaxmon.rank_detectors`: one dict per entry, best AUROC first.
+
+    Raises:
+      StoreError: no rows with those labels, or a query of another store.
+      ConfigError: neither ``query`` nor ``out``.
+    """
+    from jaxmon._rank import rank_scores
+
+    store = _as_store(store)
+    if query is None:
+        if out is None:
+            raise ConfigError(
+                "rank_store: give query= (a finished score_store of this store) or out= (a "
+                "directory to score the store into)"
+            )
+        res = score_store(store, est_or_checkpoint, fitted, out=out, **score_kwargs)
+    else:
+        res = query if isinstance(query, QueryResult) else load_result(query)
+        if res.rows != store.rows:
+            raise StoreError(
+                f"the query in {res.directory} scored {res.rows:,} rows but the store at "
+                f"{store.directory} holds {store.rows:,}: rank a query of this store"
+            )
+    n, step = store.rows, 1 << 20
+    col = lambda c: np.concatenate(
+        [store.read_meta(c, lo, lo + step) for lo in range(0, n, step)] or [np.zeros(0)]
+    )
+    labels = col("label").astype(np.int64)
+    want = np.atleast_1d(np.asarray(flagged, np.int64))
+    clean_rows = np.flatnonzero(labels == int(trusted))
+    flag_rows = np.flatnonzero(np.isin(labels, want))
+    if not len(clean_rows) or not len(flag_rows):
+        raise StoreError(
+            f"rank_store: the store at {store.directory} holds {len(clean_rows):,} rows labelled "
+            f"{trusted} and {len(flag_rows):,} labelled {want.tolist()}; both are needed"
+        )
+    sc, sf = {}, {}
+    for k in res.keys:
+        s = res.scores(k)
+        sc[k], sf[k] = s[clean_rows], s[flag_rows]
+    ids = None
+    if sequences and "sequence_id" in store.meta:
+        seq = col("sequence_id")
+        ids = (seq[clean_rows], seq[flag_rows])
+    return rank_scores(
+        sc,
+        sf,
+        sequence_id=ids,
+        calibrated=bool(res.summary.get("calibrated")),
+        reductions=reductions,
+        window=window,
+        fpr=fpr,
+        n_boot=n_boot,
+        level=level,
+        seed=seed,
     )

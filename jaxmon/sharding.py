@@ -49,7 +49,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmon._base import Estimator, EstimatorSpec, from_spec, register
+from jaxmon._base import Estimator, EstimatorSpec, from_spec, label_kwargs, register
 from jaxmon.errors import ConfigError
 
 __all__ = ["shard_local", "merge_replicas", "replica_count", "shard_wide", "state_sharding"]
@@ -185,7 +185,9 @@ def shard_local(
     if model_axis is not None:  # absent otherwise: specs saved before wide taps stay equal
         params["model_axis"] = model_axis
         params["model_size"] = int(mesh.shape[model_axis])
-    spec = EstimatorSpec("shard_local", params, mergeable=est.spec.mergeable)
+    spec = EstimatorSpec(
+        "shard_local", params, mergeable=est.spec.mergeable, supervised=est.spec.supervised
+    )
     _INNER[spec.to_json()] = est
     layout = _Layout(est, mesh, axis, model_axis)
     # Manual over the data axis only: the model axis (if any) stays with GSPMD inside.
@@ -209,6 +211,10 @@ def shard_local(
 
         def local(s, x, extra):
             s = jax.tree.map(lambda leaf: leaf[0], s)
+            if "labels" in extra:  # labels for a supervised inner estimator, else a mask
+                extra = dict(extra)
+                labels = extra.pop("labels")
+                extra.update(label_kwargs(est, extra.pop("mask", None), labels))
             s = est.update(s, x, **extra)
             if model_axis is not None:
                 s = layout.put_inner(s)
@@ -447,6 +453,7 @@ def shard_wide(est: Estimator, mesh: Mesh, axis: str = "model") -> Estimator:
         "shard_wide",
         {"estimator": est.spec.to_dict(), "axis": axis, "size": size},
         mergeable=est.spec.mergeable,
+        supervised=est.spec.supervised,
     )
 
     def layout(state):

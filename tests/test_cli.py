@@ -57,7 +57,7 @@ def _store(path, rng):
             )
 
 
-@pytest.mark.parametrize("command", [None, "fit", "score", "report", "compare", "inspect"])
+@pytest.mark.parametrize("command", [None, "fit", "score", "rank", "report", "compare", "inspect"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--help"] if command is None else [command, "--help"])
@@ -142,10 +142,17 @@ def test_fit_inspect_score_report_compare(tmp_path, rng):
     assert sorted(res.keys) == ["blocks/0/out", "blocks/1/out"]
     assert len(res.top("blocks/0/out")) == 5
 
-    _, compare = _parallel(
+    _, compare, rank = _parallel(
         ("report", tmp_path / "q", "-o", tmp_path / "rep"),
         ("compare", tmp_path / "ck", tmp_path / "ck2", "--json"),
+        ("rank", tmp_path / "store", "--query", tmp_path / "q", "--n-boot", "20", "--json"),
     )
+    ranked = json.loads(rank)
+    want = query.rank_store(tmp_path / "store", query=tmp_path / "q", n_boot=20)
+    assert [(r["key"], r["level"], r["auroc"]) for r in ranked] == [
+        (r["key"], r["level"], r["auroc"]) for r in want
+    ]
+    assert ranked[0]["auroc"] > 0.9 and ranked[0]["ci_low"] <= ranked[0]["auroc"]
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "blocks/0/out" in page and "<mark" in page and "hist_000.png" in page
     assert (tmp_path / "rep" / "hist_001.png").read_bytes()[:4] == b"\x89PNG"

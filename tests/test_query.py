@@ -130,6 +130,17 @@ def test_calibrated_monitor_reports_exceedances(store, tmp_path):
         assert abs(info["exceedances"][str(fpr)] - int(np.sum(p <= fpr))) <= 1
         thr = float(np.asarray(jaxmon.threshold(fitted, fpr=fpr)))
         assert info["raw_thresholds"][str(fpr)] == thr
+    # Scored once: the same pass kept the raw inner scores, and the calibrated scores are
+    # exactly those of calibrated(...).score on the rows.
+    assert res.summary["raw"]
+    xs = jnp.asarray(st.taps["h"][:].read().result())
+    inner = jaxmon.gaussian(shrinkage=0.1)
+    np.testing.assert_allclose(res.scores("h", raw=True), inner.score(fitted.inner, xs), rtol=1e-5)
+    np.testing.assert_allclose(res.scores("h"), cal.score(fitted, xs), rtol=1e-5, atol=1e-6)
+    with pytest.raises(jaxmon.StoreError, match="no raw scores"):
+        query.score_store(store, inner, fitted.inner, out=tmp_path / "q2", tap="h").scores(
+            "h", raw=True
+        )
 
 
 def test_checkpoint_path_progress_and_errors(store, tmp_path, capsys):
@@ -322,3 +333,52 @@ def test_fit_store_continues_a_calibration_pass_over_eight_devices(store):
         jaxmon.p_values(cal.finalize(s2), q), jaxmon.p_values(cal.finalize(ref), q), atol=0.01
     )
     assert example == jax.ShapeDtypeStruct((D,), jnp.float32)
+
+
+def test_fit_store_gives_the_label_column_to_probes_and_trusted_rows_to_the_rest(store):
+    st = query.open_store(store)
+    x = st.taps["h"][:].read().result()
+    lab = st.read_meta("label", 0, st.rows).astype(np.int32)
+    mon = jaxmon.monitor({"h": {"probe": jaxmon.probe(), "gauss": jaxmon.gaussian()}})
+    state, example = query.fit_store(store, mon, block_rows=64)  # supervised: labels by default
+    ref = mon.update(mon.init(example), {"h": jnp.asarray(x)}, labels=jnp.asarray(lab))
+    for k in ("h:probe", "h:gauss"):
+        assert jaxmon.num_rows(state[k]) == jaxmon.num_rows(ref[k])
+        np.testing.assert_allclose(
+            jax.tree.leaves(state[k])[2], jax.tree.leaves(ref[k])[2], rtol=1e-5, atol=1e-5
+        )
+    # The Gaussian saw the trusted rows only: unlabelled (-1) and flagged rows stay out.
+    assert jaxmon.num_rows(state["h:gauss"]) == int((lab == 0).sum())
+    # A mapping of stored values: flagged = stored 1, trusted = stored 0 (the same here).
+    again, _ = query.fit_store(store, mon, block_rows=64, labels={0: 0, 1: 1})
+    assert jaxmon.num_rows(again) == jaxmon.num_rows(state)
+    with pytest.raises(ConfigError, match="labels"):
+        query.fit_store(store, mon, labels={0: 5})
+
+
+def test_rank_store_ranks_keys_by_the_label_column(store, tmp_path):
+    mon = jaxmon.monitor({"h": jaxmon.gaussian(shrinkage=0.1), "g": jaxmon.gaussian()})
+    state, _ = query.fit_store(store, mon, split="trusted")
+    fitted = mon.finalize(state)
+    ranked = query.rank_store(store, mon, fitted, out=tmp_path / "q", n_boot=50, block_rows=64)
+    tok = [r for r in ranked if r["level"] == "token"]
+    assert {r["key"] for r in tok} == {"h", "g"}
+    # Only the label-0 and label-1 rows of the query split are compared (the trusted split's
+    # rows are unlabelled): 200 of each.
+    assert all(r["n_clean"] == 200 and r["n_flagged"] == 200 for r in tok)
+    st = query.open_store(store)
+    lab = st.read_meta("label", 0, st.rows)
+    res = query.load_result(tmp_path / "q")
+    from sklearn.metrics import roc_auc_score
+
+    for r in tok:
+        s = res.scores(r["key"])
+        want = roc_auc_score(lab[lab >= 0], s[lab >= 0])
+        assert r["auroc"] == pytest.approx(want, abs=1e-9)
+    # Ranking the finished query again scores nothing: the same numbers.
+    again = query.rank_store(store, query=tmp_path / "q", n_boot=50)
+    assert [(r["key"], r["auroc"]) for r in again] == [(r["key"], r["auroc"]) for r in ranked]
+    seq = [r for r in ranked if r["level"] == "sequence"]
+    assert seq and all(r["n_clean"] == 4 and r["n_flagged"] == 4 for r in seq)
+    with pytest.raises(StoreError, match="labelled"):
+        query.rank_store(store, query=tmp_path / "q", flagged=7)
