@@ -53,6 +53,8 @@ class Corpus:
       query: docstrings of the query files (held-out clean text).
       code: Python source of the query files (the "other kind" of text).
       files: number of stdlib files read.
+      calib_code: Python source of the calibration files: code examples for probes that share
+        no file with the query set.
     """
 
     train: bytes
@@ -60,6 +62,7 @@ class Corpus:
     query: bytes
     code: bytes
     files: int
+    calib_code: bytes = b""
 
 
 def _stdlib_files() -> list[str]:
@@ -79,7 +82,13 @@ def _split_of(path: str) -> str:
 
 def stdlib_corpus() -> Corpus:
     """Reads the standard library's docstrings (and the query files' source) with :mod:`ast`."""
-    parts: dict[str, list[bytes]] = {"train": [], "calib": [], "query": [], "code": []}
+    parts: dict[str, list[bytes]] = {
+        "train": [],
+        "calib": [],
+        "query": [],
+        "code": [],
+        "calib_code": [],
+    }
     files = _stdlib_files()
     for path in files:
         try:
@@ -96,6 +105,8 @@ def stdlib_corpus() -> Corpus:
                     parts[split].append(doc.encode("utf-8"))
         if split == "query":
             parts["code"].append(source.encode("utf-8"))
+        elif split == "calib":
+            parts["calib_code"].append(source.encode("utf-8"))
     join = lambda xs: b"\n\n".join(xs)
     return Corpus(
         train=join(parts["train"]),
@@ -103,6 +114,7 @@ def stdlib_corpus() -> Corpus:
         query=join(parts["query"]),
         code=join(parts["code"]),
         files=len(files),
+        calib_code=join(parts["calib_code"]),
     )
 
 
@@ -300,3 +312,37 @@ def build_query_set(corpus: Corpus, *, tokens: int, seq_len: int, seed: int) -> 
     tstart = np.full(sum(n), -1, np.int32)
     tstart[o : o + n[1]] = start
     return QuerySet(np.concatenate(rows), kind, label, tstart)
+
+
+def build_probe_set(
+    corpus: Corpus, *, per_kind: int, seq_len: int, skip: int, query_windows: int, seed: int
+):
+    """Labelled examples for probes and detector ranking, none of them in the query set.
+
+    ``per_kind`` sequences of each anomaly kind: triggered and shuffled rows made from
+    calibration docstrings past the first ``skip`` windows (those are the calibration store),
+    code rows from the calibration files' source; and ``3·per_kind`` clean sequences from the
+    query files' docstrings past the first ``query_windows`` windows (the query set's).
+
+    Returns:
+      ``(tokens uint8 [6·per_kind, L], kind int32 [6·per_kind])``, kinds 0 (clean) to 3.
+    """
+    rng = np.random.default_rng(seed)
+
+    def fresh(text: bytes, start: int, n: int) -> np.ndarray:
+        rows = windows(text[start * seq_len :], seq_len, n)
+        if len(rows) < n:  # a small corpus: overlapping windows of what is there
+            rest = text[start * seq_len :] if len(text) > (start + 1) * seq_len else text
+            rows = windows(rest, seq_len, n, stride=max(1, (len(rest) - seq_len) // n))
+        return rows
+
+    base = fresh(corpus.calib, skip, 2 * per_kind)
+    trig, _ = plant(base[:per_kind], rng)
+    shuf = shuffle_words(base[per_kind : 2 * per_kind], rng)
+    src = corpus.calib_code or corpus.code
+    code = windows(src, seq_len, per_kind, stride=max(seq_len, len(src) // per_kind))
+    clean = fresh(corpus.query, query_windows, 3 * per_kind)
+    tokens = np.concatenate([clean, trig, shuf, code])
+    sizes = [len(clean), len(trig), len(shuf), len(code)]
+    kind = np.repeat(np.arange(4, dtype=np.int32), sizes)
+    return tokens, kind

@@ -9,18 +9,22 @@
 3. **Log** every tap's activations over a query set (held-out clean, triggered, word-shuffled
    and Python source code) to zarr, with token text and labels.
 4. **Answer from the checkpoint alone**, in a fresh process: load the monitor, calibrate it on
-   held-out clean text, batch-score the store, print one table (AUROC and recall at 1% FPR per
+   held-out clean text, batch-score the store once, fit probes from 20 labelled sequences of
+   each anomaly kind (never in the query set), print one table (AUROC and recall at 1% FPR per
    detector, tap and anomaly kind, at token and sequence level, plus the calibrated multi-tap
-   combination), and write the HTML report.
+   combinations and the probes), rank the monitor's keys with the labelled examples
+   (``jaxmon rank``), and write the HTML report.
 
 Run ``python -m jaxmon.demo --quick`` for a small run (the test suite's), or with no flags for the
 default run. A stage whose library part is missing is skipped with a printed note.
 
 Outputs under ``--out`` (default ``runs/demo``): ``checkpoint/`` (orbax: model parameters and the
-monitor's state, fitted value and metadata), ``store/query`` and ``store/calib`` (activation
-stores), the batch-query outputs ``scores_raw/``, ``scores/`` (calibrated, -log10 p) and
-``scores_calib/`` (raw scores of the calibration text), ``report/index.html``, ``table.txt``,
-and ``train.json`` / ``log.json`` / ``summary.json`` (every figure printed).
+monitor's state, fitted value and metadata), ``store/query``, ``store/calib`` and
+``store/probe`` (activation stores; ``probe`` holds the labelled examples), the batch-query
+outputs ``scores/`` (raw and calibrated -log10 p of the query set, scored once),
+``scores_calib/`` (the calibration text), ``scores_probe/`` (the probes) and
+``scores_examples/`` (the labelled examples, for ``jaxmon rank``), ``report/index.html``,
+``table.txt``, and ``train.json`` / ``log.json`` / ``summary.json`` (every figure printed).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ QUICK = dict(
     poison=0.25,
     eval_rows=64,
     knn_bank=256,
+    probe_seqs=8,
 )
 # Sized for the 10-minute budget on 2 CPU cores (see benchmarks/results/demo.md).
 DEFAULT = dict(
@@ -67,6 +72,7 @@ DEFAULT = dict(
     poison=0.08,
     eval_rows=256,
     knn_bank=512,
+    probe_seqs=20,
 )
 
 
@@ -105,6 +111,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.eval_rows = base["eval_rows"]
     args.heads = base["heads"]
     args.knn_bank = base["knn_bank"]
+    args.probe_seqs = base["probe_seqs"]
     if args.d_model % args.heads:
         p.error(f"--d-model must be a multiple of the {args.heads} attention heads")
     if min(args.tokens, args.steps, args.layers, args.batch) < 1 or args.seq_len < 48:
@@ -336,7 +343,19 @@ def log_activations(args, model, mon, fitted, corpus: lm.Corpus) -> dict | None:
     scores.
     """
     q = lm.build_query_set(corpus, tokens=args.tokens, seq_len=args.seq_len, seed=args.seed + 2)
-    calib = lm.windows(corpus.calib, args.seq_len, max(64, args.tokens // (4 * args.seq_len)))
+    # Calibration windows, leaving the last 2·probe_seqs windows of the calibration text for
+    # the probes' labelled examples (none of which is in the query set or this store).
+    n_cal = max(64, args.tokens // (4 * args.seq_len))
+    room = len(corpus.calib) // args.seq_len - 2 * args.probe_seqs
+    calib = lm.windows(corpus.calib, args.seq_len, min(n_cal, room) if room >= 64 else n_cal)
+    probe_tokens, probe_kind = lm.build_probe_set(
+        corpus,
+        per_kind=args.probe_seqs,
+        seq_len=args.seq_len,
+        skip=len(calib),
+        query_windows=int((q.kind == 0).sum()),
+        seed=args.seed + 3,
+    )
     np.savez(
         args.out / "query_labels.npz",
         tokens=q.tokens,
@@ -349,7 +368,9 @@ def log_activations(args, model, mon, fitted, corpus: lm.Corpus) -> dict | None:
     _log(
         f"[3/4] query set: {len(q.tokens):,} sequences = {n_tok:,} tokens "
         + ", ".join(f"{k} {int((q.kind == i).sum())}" for i, k in enumerate(lm.KINDS))
-        + f"; calibration: {calib.size:,} held-out clean tokens"
+        + f"; calibration: {calib.size:,} held-out clean tokens; labelled examples (not in the "
+        f"query set): {args.probe_seqs} sequences of each anomaly kind and "
+        f"{int((probe_kind == 0).sum())} clean ones"
     )
     forward = lm.jitted(
         model, lambda logits, taps: jax.tree.map(lambda a: a.astype(jnp.bfloat16), taps)
@@ -373,6 +394,7 @@ def log_activations(args, model, mon, fitted, corpus: lm.Corpus) -> dict | None:
     for split, rows, kind in (
         ("calib", calib, np.zeros(len(calib), np.int32)),
         ("query", q.tokens, q.kind),
+        ("probe", probe_tokens, probe_kind),
     ):
         path = args.out / "store" / split
         with jio.ActivationWriter(path, dtype="bfloat16", overwrite=True) as w:
@@ -388,6 +410,7 @@ def log_activations(args, model, mon, fitted, corpus: lm.Corpus) -> dict | None:
     return {
         "query_tokens": n_tok,
         "calib_tokens": int(calib.size),
+        "probe_seqs": args.probe_seqs,
         "logged": True,
         "stores": stores,
         "log_cpu_seconds": time.process_time() - c0,
@@ -471,27 +494,82 @@ def _metrics(scores: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> tuple[floa
     return metrics.auroc(s, y), metrics.recall_at_fpr(s, y, fpr=0.01)
 
 
-def _score_table(args, token_scores: dict[str, np.ndarray], labels) -> tuple[list[str], dict]:
-    """One table: per key, AUROC and recall@1%FPR per anomaly kind, token and sequence level."""
-    kind, tok_label = labels["kind"], labels["token_label"]
-    n_seq, seq_len = tok_label.shape
+_COMBINE = ("fisher", "bonferroni", "cauchy")
+_ORDER = (
+    "gaussian",
+    "pca_fd",
+    "knn",
+    "transition",
+    *(f"combined({m})" for m in _COMBINE),
+    *(f"probe_{k}" for k in lm.KINDS[1:]),
+)
+
+
+def _window(seq_len: int) -> int:
+    return min(16, seq_len)
+
+
+def _seq_aggregate(token_scores: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    """Max over rolling means of each sequence's token scores, per key (``[rows]`` flat)."""
+    n_seq = next(iter(token_scores.values())).size // seq_len
     seg = np.repeat(np.arange(n_seq, dtype=np.int32), seq_len)
-    window = min(16, seq_len)
-    seq_scores = jaxmon.sequence_scores(
-        {k: v.reshape(-1) for k, v in token_scores.items()},
+    out = jaxmon.sequence_scores(
+        {k: jnp.asarray(v.reshape(-1), jnp.float32) for k, v in token_scores.items()},
         seg,
         num_segments=n_seq,
         reduce="max_rolling_mean",
-        window=window,
+        window=_window(seq_len),
     )
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _sequence_p_values(calc, calq, seq_len: int) -> dict[str, jax.Array]:
+    """Natural-log sequence p-values of the query sequences, per key: each sequence's own
+    aggregate against the aggregates of the held-out clean sequences (not a token p-value)."""
+    clean = _seq_aggregate({k: calc.scores(k, raw=True) for k in calc.keys}, seq_len)
+    null = jaxmon.sequence_null(clean)
+    agg = _seq_aggregate({k: calq.scores(k, raw=True) for k in calq.keys}, seq_len)
+    return jaxmon.sequence_p_values(null, agg, log=True)
+
+
+def _fit_probes(args, store_dir: Path, query):
+    """One probe monitor per anomaly kind, fitted on the held-out clean text (trusted) and the
+    labelled examples of that kind; returned as one monitor (named detectors) and its fitted
+    value, so every probe is scored in one pass."""
+    pstore = store_dir / "probe"
+    if not (pstore / "manifest.json").exists():
+        _note("no labelled examples were logged: probes skipped")
+        return None
+    patterns = ("blocks/*/resid", "blocks/*/mlp_out")
+    fitted = {}
+    for i, kind in enumerate(lm.KINDS[1:], start=1):
+        mon = jaxmon.monitor(dict.fromkeys(patterns, jaxmon.probe()))
+        st, _ = query.fit_store(store_dir / "calib", mon, labels={0: 0})
+        st, _ = query.fit_store(pstore, mon, st, labels={0: 0, i: 1})
+        fitted.update({f"{key}:probe_{kind}": f for key, f in mon.finalize(st).items()})
+    named = {f"probe_{kind}": jaxmon.probe() for kind in lm.KINDS[1:]}
+    return jaxmon.monitor(dict.fromkeys(patterns, named)), fitted
+
+
+def _score_table(
+    args, token_scores: dict[str, np.ndarray], labels, *, seq_override=None
+) -> tuple[list[str], dict]:
+    """One table: per key, AUROC and recall@1%FPR per anomaly kind, token and sequence level.
+
+    ``seq_override`` gives the sequence scores of some keys directly (the combinations of
+    sequence-level p-values); the others aggregate their token scores.
+    """
+    kind, tok_label = labels["kind"], labels["token_label"]
+    seq_len = tok_label.shape[1]
+    seq_scores = _seq_aggregate(token_scores, seq_len)
+    seq_scores.update(seq_override or {})
     clean_tok = np.repeat(kind == 0, seq_len)
     kinds = list(lm.KINDS[1:])
-    order = ("gaussian", "pca_fd", "knn", "transition", "combined(fisher)", "combined(bonferroni)")
     rows = []
     for key in token_scores:
         tap, _, det = key.partition(":")
         det = det or ("transition" if "->" in tap else key)
-        rank = order.index(det) if det in order else len(order)
+        rank = _ORDER.index(det) if det in _ORDER else len(_ORDER)
         rows.append((rank, det, tap, key))
     rows.sort(key=lambda r: (r[0], r[1], r[2]))
     wd = max(len("detector"), *(len(r[1]) for r in rows))
@@ -522,10 +600,91 @@ def _score_table(args, token_scores: dict[str, np.ndarray], labels) -> tuple[lis
         lines.append(row)
     lines.append(
         f"(token level: anomalous tokens vs every token of clean held-out sequences; sequence "
-        f"level: max over {window}-token rolling means of the token scores; "
-        f"{int((kind == 0).sum())} clean sequences)"
+        f"level: max over {_window(seq_len)}-token rolling means of the token scores, and for "
+        f"combined rows the combination of each key's sequence p-value, calibrated on held-out "
+        f"clean sequences; probe_<kind>: a probe fitted from {args.probe_seqs} labelled "
+        f"sequences of that kind; {int((kind == 0).sum())} clean sequences)"
     )
     return lines, results
+
+
+def _unsupervised(results: dict) -> list[str]:
+    return [k for k in results if not k.startswith("all taps:") and ":probe_" not in k]
+
+
+def _combination_check(results: dict) -> dict:
+    """Each combination rule against the median (and best) single unsupervised key."""
+    single = _unsupervised(results)
+    out = {}
+    for kind in lm.KINDS[1:]:
+        for level in ("token_auroc", "sequence_auroc"):
+            vals = [results[k][kind][level] for k in single]
+            entry = {"median_key": float(np.median(vals)), "best_key": float(np.max(vals))}
+            for m in _COMBINE:
+                entry[m] = results[f"all taps:combined({m})"][kind][level]
+            out[f"{kind}/{level}"] = entry
+    _log("      combinations against the median and best single key (AUROC):")
+    _log(
+        f"        {'kind/level':28s} {'median':>7s} {'best':>7s} "
+        + " ".join(f"{m:>10s}" for m in _COMBINE)
+    )
+    for name, e in out.items():
+        _log(
+            f"        {name:28s} {e['median_key']:7.3f} {e['best_key']:7.3f} "
+            + " ".join(f"{e[m]:10.3f}" for m in _COMBINE)
+        )
+    return out
+
+
+def _rank_with_examples(args, store_dir: Path, cal, cfitted, results: dict) -> dict | None:
+    """``jaxmon rank`` on the labelled examples: which key to trust for each kind, chosen from
+    20 flagged sequences (not in the query set), against the best key in hindsight."""
+    from jaxmon import query
+    from jaxmon._rank import format_ranking
+
+    pstore = store_dir / "probe"
+    if not (pstore / "manifest.json").exists():
+        return None
+    ex = query.score_store(pstore, cal, cfitted, out=args.out / "scores_examples", resume=False)
+    single = _unsupervised(results) + [f"all taps:combined({m})" for m in _COMBINE]
+    out = {}
+    for i, kind in enumerate(lm.KINDS[1:], start=1):
+        ranked = query.rank_store(
+            pstore,
+            query=ex,
+            flagged=i,
+            reductions=("max_rolling_mean",),
+            window=_window(args.seq_len),
+        )
+        seq = [r for r in ranked if r["level"] == "sequence"]
+        # The table's names for the combinations ranked here.
+        named = [
+            dict(r, key=f"all taps:{r['key']}" if r["key"].startswith("combined(") else r["key"])
+            for r in seq
+        ]
+        pick = named[0]["key"]
+        on_query = {k: results[k][kind]["sequence_auroc"] for k in single if k in results}
+        best = max(on_query, key=on_query.get)
+        out[kind] = {
+            "picked": pick,
+            "picked_ci": [named[0]["ci_low"], named[0]["ci_high"]],
+            "picked_query_auroc": on_query.get(pick),
+            "best_key": best,
+            "best_query_auroc": on_query[best],
+            "top": named[:5],
+        }
+        _log(
+            f"\n      jaxmon rank, {kind}: {named[0]['n_flagged']} flagged vs "
+            f"{named[0]['n_clean']} clean labelled sequences (sequence level):"
+        )
+        for line in format_ranking(named, limit=5).splitlines():
+            _log(f"        {line}")
+        got = on_query.get(pick, float("nan"))
+        _log(
+            f"        picked {pick}: query-set sequence AUROC {got:.3f}; best in hindsight "
+            f"{best} {on_query[best]:.3f}"
+        )
+    return out
 
 
 def score(args) -> int:
@@ -549,6 +708,9 @@ def score(args) -> int:
     qstore = query.open_store(store_dir / "query")
     labels = dict(np.load(args.out / "query_labels.npz"))
     seq_len = labels["tokens"].shape[1]
+    args.seq_len = seq_len
+    logged = json.loads((args.out / "log.json").read_text())
+    args.probe_seqs = int(logged.get("probe_seqs", args.probe_seqs))
     _log(
         f"      loaded {ckpt_dir} (step {ck.step}): {len(ck.fitted)} monitor keys; query store "
         f"{qstore.rows:,} tokens x {len(qstore.taps)} taps"
@@ -589,29 +751,48 @@ def score(args) -> int:
         f"      calibrated on {n_cal:,} held-out clean tokens ({time.process_time() - c0:.1f}s CPU)"
     )
 
-    # Batch-score the store: raw scores, and calibrated -log10 p (for the combination).
+    # One pass over the store: raw scores and calibrated -log10 p, scored once.
     c1 = time.process_time()
-    raw = query.score_store(qstore, ck, out=args.out / "scores_raw", resume=False)
-    c2 = time.process_time()
     calq = query.score_store(qstore, cal, cfitted, out=args.out / "scores", resume=False)
-    c3 = time.process_time()
-    # Raw scores of the calibration text: the trusted reference histograms of the report.
-    query.score_store(store_dir / "calib", ck, out=args.out / "scores_calib", resume=False)
-    _log(
-        f"      batch-scored the store: raw {c2 - c1:.1f}s CPU, calibrated {c3 - c2:.1f}s CPU, "
-        f"calibration text {time.process_time() - c3:.1f}s CPU"
+    c2 = time.process_time()
+    # The calibration text too: the trusted reference of the report, and the clean sequences
+    # that calibrate sequence-level p-values.
+    calc = query.score_store(
+        store_dir / "calib", cal, cfitted, out=args.out / "scores_calib", resume=False
     )
-    tok = {k: raw.scores(k).reshape(-1, seq_len) for k in raw.keys}
+    _log(
+        f"      batch-scored the store once (raw and calibrated): {c2 - c1:.1f}s CPU; "
+        f"calibration text {time.process_time() - c2:.1f}s CPU"
+    )
+    tok = {k: calq.scores(k, raw=True).reshape(-1, seq_len) for k in calq.keys}
     summary["scored_rows"] = int(min(np.isfinite(v).sum() for v in tok.values()))
+    seq_p = _sequence_p_values(calc, calq, seq_len)
     # Calibrated scores are -log10 p: their natural logs, combined in log space (the p-values
-    # of very anomalous tokens are far below float32's range).
+    # of very anomalous tokens are far below float32's range). Sequence columns combine the
+    # sequences' own p-values (calibrated on held-out clean sequences).
     logps = {k: jnp.asarray(-np.log(10.0) * calq.scores(k), jnp.float32) for k in calq.keys}
-    for method in ("fisher", "bonferroni"):
+    seq_combined = {}
+    for method in _COMBINE:
         logp = jaxmon.combine(logps, method=method, log=True, log_inputs=True)
         tok[f"all taps:combined({method})"] = (-np.asarray(logp) / np.log(10)).reshape(-1, seq_len)
+        lps = jaxmon.combine(seq_p, method=method, log=True, log_inputs=True)
+        seq_combined[f"all taps:combined({method})"] = -np.asarray(lps) / np.log(10)
+
+    # Probes: 20 labelled sequences of each kind (never in the query set), against the
+    # held-out clean text; one probe monitor per kind, all scored in one pass.
+    c3 = time.process_time()
+    probes = _fit_probes(args, store_dir, query)
+    if probes is not None:
+        pmon, pfitted = probes
+        pq = query.score_store(qstore, pmon, pfitted, out=args.out / "scores_probe", resume=False)
+        tok.update({k: pq.scores(k).reshape(-1, seq_len) for k in pq.keys})
+        _log(
+            f"      probes fitted from {args.probe_seqs} labelled sequences per kind and scored: "
+            f"{time.process_time() - c3:.1f}s CPU"
+        )
     score_s = time.perf_counter() - t0
 
-    lines, results = _score_table(args, tok, labels)
+    lines, results = _score_table(args, tok, labels, seq_override=seq_combined)
     train = json.loads((args.out / "train.json").read_text())
     print()
     print(
@@ -633,14 +814,15 @@ def score(args) -> int:
         k: float(np.mean([r[k]["sequence_auroc"] for r in results.values()])) for k in lm.KINDS[1:]
     }
     summary["combined_fisher_triggered"] = comb
+    summary["combination_vs_median_key"] = _combination_check(results)
+    summary["ranking"] = _rank_with_examples(args, store_dir, cal, cfitted, results)
 
     try:
         from jaxmon import report
 
-        # On raw scores: calibrated ones saturate at -log10(1/(n+1)) beyond the largest
-        # calibration score, which would tie the most anomalous sequences.
+        # Calibrated scores (-log10 p) keep ordering past the calibration set (fitted tail).
         html = report.write_report(
-            args.out / "scores_raw", args.out / "report", trusted=args.out / "scores_calib"
+            args.out / "scores", args.out / "report", trusted=args.out / "scores_calib"
         )
         _log(f"      HTML report: {html}")
     except ImportError as e:
