@@ -35,7 +35,7 @@ from jaxmon._calibration import (
 from jaxmon._compare import Comparison, compare, comparison_table, permutation_test
 from jaxmon._monitor import EveryKState, every_k, monitor
 from jaxmon._numerics import Moments
-from jaxmon._rank import rank_detectors
+from jaxmon._rank import format_ranking, rank_detectors, rank_scores
 from jaxmon._taps import attribution_taps, capture, tap
 from jaxmon.errors import (
     CheckpointError,
@@ -121,6 +121,8 @@ __all__ = [
     "ProbeFitted",
     "scale_free_covariance",
     "rank_detectors",
+    "rank_scores",
+    "format_ranking",
     # Monitors, sparse updates and taps (attributions are taps too: level 3).
     "monitor",
     "every_k",

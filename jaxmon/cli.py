@@ -247,8 +247,8 @@ def _score(args) -> None:
 
 
 def _rank(args) -> None:
+    import jaxmon
     from jaxmon import query
-    from jaxmon._rank import format_ranking
 
     if (args.checkpoint is None) == (args.query is None):
         raise CliError("rank needs a CHECKPOINT to score the store with, or --query Q (not both)")
@@ -281,7 +281,7 @@ def _rank(args) -> None:
         f"{args.flagged} against {n['n_clean']:,} labelled {args.trusted} (token level; "
         f"{args.n_boot} bootstrap resamples, 95% intervals; recall at {args.fpr:g} FPR):"
     )
-    print(format_ranking(ranked, limit=args.limit))
+    print(jaxmon.format_ranking(ranked, limit=args.limit))
 
 
 def _report(args) -> None:

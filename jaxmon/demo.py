@@ -640,7 +640,6 @@ def _rank_with_examples(args, store_dir: Path, cal, cfitted, results: dict) -> d
     """``jaxmon rank`` on the labelled examples: which key to trust for each kind, chosen from
     20 flagged sequences (not in the query set), against the best key in hindsight."""
     from jaxmon import query
-    from jaxmon._rank import format_ranking
 
     pstore = store_dir / "probe"
     if not (pstore / "manifest.json").exists():
@@ -677,7 +676,7 @@ def _rank_with_examples(args, store_dir: Path, cal, cfitted, results: dict) -> d
             f"\n      jaxmon rank, {kind}: {named[0]['n_flagged']} flagged vs "
             f"{named[0]['n_clean']} clean labelled sequences (sequence level):"
         )
-        for line in format_ranking(named, limit=5).splitlines():
+        for line in jaxmon.format_ranking(named, limit=5).splitlines():
             _log(f"        {line}")
         got = on_query.get(pick, float("nan"))
         _log(
