@@ -1,16 +1,21 @@
 """Train-step cost of a jaxmon monitor: the NNX example LM with and without it.
 
-Measures, in one process and in alternating rounds (this machine's speed drifts), the jitted
-train step of ``examples/train_nnx.py`` (a pre-LN transformer LM, AdamW) at d >= 256:
+Measures, in one process and in alternating rounds (the machine's speed drifts, and it is
+shared), the jitted train step of ``examples/train_nnx.py`` (a pre-LN transformer LM, AdamW,
+state donated) at d = 256:
 
-* ``plain``: the train step without the monitor (taps are still captured: they are free
-  under jit, XLA drops unused outputs);
-* ``resid``: plus ``jaxmon.monitor({"blocks/*/resid": gaussian()})`` updated every step
-  (``every_k`` = 1): every block's residual stream, the issue's target (<= 5% overhead);
-* ``resid+mlp``: residual stream and MLP output of every block (2 taps per block).
+* ``plain``: the train step without a monitor (taps are still captured: free under jit);
+* ``gram floor (4)`` / ``gram floor (8)``: the same step plus only ``acc + xᵀx`` per tap (one
+  float32 Gram of the tap's ``[tokens, d]`` rows, no mask, no mean, nothing else): what the
+  Gram products alone cost inside this step, measured;
+* ``resid`` (4 taps) / ``resid+mlp`` (8 taps): plus ``every_k(monitor({pattern: gaussian()}), 1)``
+  updated on every step, as ``train_nnx.py`` builds it: the exact update (masked padding,
+  non-finite rows excluded and counted, batch mean and shift, Gram, Σy and Σ|y|²y, the exact
+  fold into the state).
 
-Memory added = bytes of the monitor state (it lives on device between steps) plus the
-difference in XLA's temporary buffer size of the compiled step.
+The *arithmetic floor* of a config is its Gram flops (2·tokens·d² per tap) over the plain
+step's flops (XLA's cost analysis of the compiled step). Issue 15's target: overhead <= that
+floor + 2 points with 4 and 8 taps. Overheads are medians over rounds of t(config)/t(plain) − 1.
 
 Run: ``python benchmarks/bench_train_step.py`` (``--quick`` for a seconds-long smoke test).
 """
@@ -18,30 +23,42 @@ Run: ``python benchmarks/bench_train_step.py`` (``--quick`` for a seconds-long s
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import functools
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 import train_nnx
-from _common import machine, matmul_peak
+from _common import machine
+from _peaks import Peaks
+
+import jaxmon
+import jaxmon.nnx as jnnx
 
 
 def _nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _temp_bytes(fn, *args) -> int | None:
-    try:
-        mem = fn.lower(*args).compile().memory_analysis()
-        return int(mem.temp_size_in_bytes)
-    except Exception:  # memory_analysis is backend-dependent
-        return None
+def _gram_floor(acc: dict, taps: dict, mask) -> dict:
+    """``acc + xᵀx`` per monitored tap: the Gram products and nothing else."""
+    out = {}
+    for k, a in acc.items():
+        x = taps[k].reshape(-1, taps[k].shape[-1])
+        out[k] = a + jax.lax.dot_general(
+            x, x, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+    return out
 
 
 def main(argv=None) -> None:
@@ -57,40 +74,79 @@ def main(argv=None) -> None:
     if a.quick:
         a.d, a.layers, a.seq, a.batch, a.rounds, a.steps_per_round = 64, 2, 32, 4, 3, 2
     print(machine())
-    peak = matmul_peak(n=1024 if a.quick else 2048)
-    print(f"f32 matmul peak here: {peak:.0f} GFLOP/s")
+    peaks = Peaks()
+    args = train_nnx.parse(
+        [
+            f"--d={a.d}",
+            f"--layers={a.layers}",
+            f"--seq={a.seq}",
+            f"--batch={a.batch}",
+            "--heads=4",
+            "--vocab=256",
+        ]
+    )
+    model = train_nnx.LM(args.vocab, args.d, args.layers, args.heads, args.seq, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.adamw(args.lr), wrt=nnx.Param)
+    graphdef, state0 = nnx.split((model, opt))
 
-    base = [
-        f"--d={a.d}",
-        f"--layers={a.layers}",
-        f"--seq={a.seq}",
-        f"--batch={a.batch}",
-        "--heads=4",
-        "--vocab=256",
-    ]
-    configs = {"plain": "blocks/*/resid", "resid": "blocks/*/resid", "resid+mlp": "blocks/*"}
+    def loss_and_taps(model, tokens, valid):  # as train_nnx.build
+        logits, taps = jnnx.capture(model)(tokens[:, :-1], valid[:, :-1])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        keep = valid[:, 1:]
+        denom = jnp.maximum(jnp.sum(keep), 1).astype(ce.dtype)
+        return jnp.sum(jnp.where(keep, ce, 0.0)) / denom, taps
+
+    def make_step(update):
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def step(state, mstate, tokens, valid):
+            model, opt = nnx.merge(graphdef, state)
+            grad_fn = nnx.value_and_grad(loss_and_taps, has_aux=True)
+            (loss, taps), grads = grad_fn(model, tokens, valid)
+            opt.update(model, grads)
+            if update is not None:
+                mstate = update(mstate, taps, valid[:, :-1])
+            return nnx.state((model, opt)), mstate, loss
+
+        return step
+
     rng = np.random.default_rng(0)
     chain = train_nnx.make_chain(rng, 256)
     data = train_nnx.markov_batches(rng, 256, a.batch, a.seq, chain)
     batches = [next(data) for _ in range(4)]
+    example = jax.eval_shape(
+        lambda st, t, v: loss_and_taps(nnx.merge(graphdef, st)[0], t, v)[1], state0, *batches[0]
+    )
+    patterns = {"4": "blocks/*/resid", "8": "blocks/*"}
+    configs = {"plain": (None, None, 0)}
+    for n, pattern in patterns.items():
+        keys = [k for k in example if fnmatch.fnmatchcase(k, pattern)]
+        zeros = {k: jnp.zeros((a.d, a.d), jnp.float32) for k in keys}
+        configs[f"gram floor ({len(keys)})"] = (_gram_floor, zeros, len(keys))
+        mon = jaxmon.every_k(jaxmon.monitor({pattern: jaxmon.gaussian()}), 1)
+        name = "resid" if n == "4" else "resid+mlp"
+        mstate = mon.init({k: example[k] for k in keys})
+        configs[name] = (
+            lambda m, taps, mask, mon=mon: mon.update(m, taps, mask=mask),
+            mstate,
+            len(keys),
+        )
 
     runners, info = {}, {}
-    for name, pattern in configs.items():
-        args = train_nnx.parse([*base, f"--taps={pattern}"])
-        state, _, mstate, train_step, _ = train_nnx.build(args)
-        params = sum(x.size for x in jax.tree.leaves(state))
-        monitored = name != "plain"
-        holder = {"state": state, "m": mstate}
-        tokens, valid = batches[0]
-        temp = None if a.quick else _temp_bytes(train_step, state, mstate, tokens, valid, monitored)
-        info[name] = {"state_bytes": _nbytes(mstate) if monitored else 0, "temp": temp}
+    flops_plain = None
+    for name, (update, mstate, ntaps) in configs.items():
+        st = jax.tree.map(jnp.copy, state0)
+        step = make_step(update)
+        if name == "plain":
+            cost = step.lower(st, mstate, *batches[0]).compile().cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            flops_plain = float(cost.get("flops", float("nan")))
+        holder = {"s": st, "m": jax.tree.map(jnp.copy, mstate)}
+        info[name] = {"state_bytes": _nbytes(mstate) if mstate is not None else 0, "taps": ntaps}
 
-        def run(holder=holder, train_step=train_step, monitored=monitored):
+        def run(holder=holder, step=step):
             for i in range(a.steps_per_round):
                 tokens, valid = batches[i % len(batches)]
-                holder["state"], holder["m"], loss = train_step(
-                    holder["state"], holder["m"], tokens, valid, monitored=monitored
-                )
+                holder["s"], holder["m"], loss = step(holder["s"], holder["m"], tokens, valid)
             return loss
 
         runners[name] = run
@@ -104,33 +160,43 @@ def main(argv=None) -> None:
             t = time.perf_counter()
             jax.block_until_ready(runners[k]())
             times[k].append((time.perf_counter() - t) / a.steps_per_round)
+    peaks.sample()
 
     tokens_per_step = a.batch * a.seq
+    params = sum(x.size for x in jax.tree.leaves(state0))
+    print(peaks.line())
     print(
         f"\nNNX LM d={a.d}, layers={a.layers}, seq={a.seq}, batch={a.batch} "
-        f"({tokens_per_step} tokens/step), every_k=1, {a.rounds} alternating rounds x "
-        f"{a.steps_per_round} steps; state leaves (model+AdamW): {params / 1e6:.1f}M"
+        f"({tokens_per_step} tokens/step), {a.rounds} alternating rounds x "
+        f"{a.steps_per_round} steps; state leaves (model+AdamW): {params / 1e6:.1f}M; "
+        f"plain step {flops_plain / 1e9:.2f} GFLOP (XLA cost analysis)"
     )
     print(
-        f"{'config':10s} {'taps':>5s} {'ms/step':>9s} {'overhead':>9s} {'(IQR)':>16s} "
-        f"{'monitor state':>14s} {'XLA temp +':>11s}"
+        f"{'config':16s} {'taps':>4s} {'ms/step':>8s} {'overhead':>9s} {'(IQR)':>17s} "
+        f"{'arith. floor':>12s} {'monitor state':>14s}"
     )
     base_t = times["plain"]
     for k in runners:
         med = statistics.median(times[k]) * 1e3
         ratios = sorted(t / b for t, b in zip(times[k], base_t, strict=True))
         q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
-        ntaps = 0 if k == "plain" else a.layers * (2 if k == "resid+mlp" else 1)
+        ntaps = info[k]["taps"]
+        floor = 100 * ntaps * 2 * tokens_per_step * a.d**2 / flops_plain
         st = info[k]["state_bytes"] / 2**20
-        tb, t0 = info[k]["temp"], info["plain"]["temp"]
-        dtemp = "n/a" if tb is None or t0 is None else f"{(tb - t0) / 2**20:+.1f} MiB"
         print(
-            f"{k:10s} {ntaps:5d} {med:9.2f} {100 * (q2 - 1):+8.1f}% "
-            f"[{100 * (q1 - 1):+.1f}, {100 * (q3 - 1):+.1f}]% {st:11.2f} MiB {dtemp:>11s}"
+            f"{k:16s} {ntaps:4d} {med:8.2f} {100 * (q2 - 1):+8.1f}% "
+            f"[{100 * (q1 - 1):+5.1f}, {100 * (q3 - 1):+5.1f}]% {floor:11.1f}% {st:10.2f} MiB"
+        )
+    floors = [k for k in runners if "floor" in k]
+    for mon_k, floor_k in zip(("resid", "resid+mlp"), floors, strict=True):
+        excess = statistics.median(t / f for t, f in zip(times[mon_k], times[floor_k], strict=True))
+        print(
+            f"{mon_k}: {100 * (excess - 1):+.1f}% step time over '{floor_k}' (median of per-round "
+            "ratios): what the exact update adds beyond the Gram products"
         )
     print(
         "overhead = median over rounds of t(config)/t(plain) - 1 (same process, alternating); "
-        "the machine is shared and noisy."
+        "arith. floor = Gram flops / plain-step flops. The machine is shared and noisy."
     )
 
 

@@ -14,12 +14,14 @@ sums of squares (activations with mean 1e4 and spread 1 would lose every digit i
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxmon._base import Counts, counts_add, counts_merge, counts_zero, valid_rows
+from jaxmon.errors import ConfigError
 from jaxmon_kernels import MomentStats, moment_stats
 
 
@@ -37,6 +39,51 @@ class Moments(NamedTuple):
 def acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """float64 accumulation for float64 inputs (x64 on), float32 for everything else."""
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def check_precision(name: str, precision: str) -> str:
+    """Validates a scoring ``precision=`` knob (see :func:`score_operand`).
+
+    Raises:
+      ConfigError: not one of ``"auto"``, ``"float32"``, ``"bfloat16"``.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"{name}: precision must be one of {PRECISIONS} (auto: bf16 rows are scored with "
+            f"bf16 matmul operands, float32 rows in float32), got {precision!r}"
+        )
+    return precision
+
+
+def matmul_rows(rows: jax.Array) -> jax.Array:
+    """A second handle on narrow (bf16/f16) ``rows`` for the scoring matmul.
+
+    ``finish_scores`` checks the original rows for NaN/inf while the score centres them in
+    float32: XLA then shares one float32 upcast of the rows between the two and writes it to
+    memory (twice the bytes of the input, written and read again) instead of converting inside
+    each fused loop. An ``optimization_barrier`` keeps the two uses apart at no runtime cost;
+    measured at d = 1024, bf16 Gaussian scoring goes from 1.63x to 1.93x the float32 path.
+    """
+    if rows.dtype in (jnp.bfloat16, jnp.float16):
+        return jax.lax.optimization_barrier(rows)
+    return rows
+
+
+def score_operand(dtype: jnp.dtype, precision: str) -> jnp.dtype | None:
+    """The matmul operand dtype of a whitening score for rows of ``dtype`` (None: accumulate
+    dtype throughout).
+
+    ``"auto"``: bf16 rows get bf16 operands with float32 accumulation (the matrix unit; no less
+    accurate than the rows' own bf16 rounding, since rows are centred in float32 first), every
+    other dtype keeps the float32 path. ``"float32"``: always float32 operands. ``"bfloat16"``:
+    always bf16 operands, float32 rows included (a speed-for-accuracy choice).
+    """
+    if precision == "bfloat16" or (precision == "auto" and jnp.dtype(dtype) == jnp.bfloat16):
+        return jnp.bfloat16
+    return None
 
 
 def moments_init(d: int, dtype: jnp.dtype = jnp.float32, *, diagonal: bool = False) -> Moments:
@@ -132,3 +179,42 @@ def covariance(m: Moments) -> jax.Array:
 
 
 moments_merge_jit = jax.jit(moments_merge)
+
+
+# --------------------------------------------------------------------------- shared centring
+
+
+class CentredBlock(NamedTuple):
+    """One tap's rows centred once, for every monitor key that scores them by matmuls.
+
+    ``centred + (center − μ)`` equals ``rows − μ`` for any key's mean ``μ``: each key adds its
+    own offset (a d-vector) after its matmul instead of centring the rows again.
+    """
+
+    centred: jax.Array  # shape=(n, d), dtype=operand: rows − center, rounded to the operand
+    center: jax.Array  # shape=(d,), dtype=float32
+    operand: Any  # the matmul operand dtype (jnp.bfloat16)
+
+
+# name -> fn(params, fitted, block) -> raw scores [n], or None when the configuration does not
+# score through a centred matmul (e.g. a diagonal Gaussian).
+_BLOCK_SCORERS: dict[str, Callable[[Mapping[str, Any], Any, CentredBlock], Any]] = {}
+
+
+def register_block_scorer(name: str):
+    """Registers how estimator ``name`` scores a :class:`CentredBlock` (used by monitors)."""
+
+    def deco(fn):
+        _BLOCK_SCORERS[name] = fn
+        return fn
+
+    return deco
+
+
+def block_scorer(spec: Any) -> Callable[[Any, CentredBlock], Any] | None:
+    """The block scorer of an estimator spec, bound to its parameters (None if it has none)."""
+    fn = _BLOCK_SCORERS.get(spec.name)
+    if fn is None:
+        return None
+    params = dict(spec.params)
+    return lambda fitted, block: fn(params, fitted, block)

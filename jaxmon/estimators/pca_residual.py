@@ -47,6 +47,7 @@ from jaxmon._base import (
 )
 from jaxmon.errors import ConfigError
 from jaxmon.estimators import frequent_directions as fd
+from jaxmon_kernels import centred
 
 __all__ = ["PCAResidualFitted", "pca_residual"]
 
@@ -63,13 +64,49 @@ class PCAResidualFitted(NamedTuple):
     counts: Counts  # rows the fit saw (zero rows: every score is NaN)
 
 
-def pca_scores(fitted: PCAResidualFitted, rows: jax.Array) -> jax.Array:
-    """PPCA squared Mahalanobis distances ``[n]`` of ``rows[n, d]`` (see module docstring)."""
-    z = rows.astype(fitted.mean.dtype) - fitted.mean[None, :]
-    p = jnp.matmul(z, fitted.components.T, precision=_HI)
-    r = z - jnp.matmul(p, fitted.components, precision=_HI)
+def pca_scores(
+    fitted: PCAResidualFitted, rows: jax.Array, operand_dtype: jnp.dtype | None = None
+) -> jax.Array:
+    """PPCA squared Mahalanobis distances ``[n]`` of ``rows[n, d]`` (see module docstring).
+
+    With ``operand_dtype=jnp.bfloat16`` both products (projection ``p = V z`` and reconstruction
+    ``Vᵀ p``) take bf16 operands with float32 accumulation; rows are centred in float32 first,
+    and the residual ``z − Vᵀ p`` is formed in float32 from the same rounded centred rows.
+    """
+    return _centred_scores(fitted, centred(rows, fitted.mean, operand_dtype), None, operand_dtype)
+
+
+def _centred_scores(fitted: PCAResidualFitted, z, offset, operand_dtype) -> jax.Array:
+    """Scores of ``z + offset = rows − mean`` (``offset`` None: zero)."""
+    acc = fitted.mean.dtype
+    comps = fitted.components
+    if operand_dtype is None:
+        p = jnp.matmul(z, comps.T, precision=_HI)
+    else:
+        p = jax.lax.dot_general(
+            z, comps.astype(operand_dtype), (((1,), (1,)), ((), ())), preferred_element_type=acc
+        )
+    if offset is not None:
+        p = p + (comps @ offset)[None, :]
+    if operand_dtype is None:
+        recon = jnp.matmul(p, comps, precision=_HI)
+    else:
+        recon = jax.lax.dot_general(
+            p.astype(operand_dtype),
+            comps.astype(operand_dtype),
+            (((1,), (0,)), ((), ())),
+            preferred_element_type=acc,
+        )
+    zf = z.astype(acc) if offset is None else z.astype(acc) + offset[None, :]
+    r = zf - recon
     inside = jnp.sum(p * p / fitted.eigenvalues[None, :], -1)
     return inside + jnp.sum(r * r, -1) / fitted.residual_variance
+
+
+@nm.register_block_scorer("pca_residual")
+def _block_score(params, fitted: PCAResidualFitted, block: nm.CentredBlock):
+    """Raw scores of a monitor's shared centred block."""
+    return _centred_scores(fitted, block.centred, block.center - fitted.mean, block.operand)
 
 
 def _fit(mean, lam, vecs, total, d: int, rank: int, ridge: float, counts) -> PCAResidualFitted:
@@ -86,6 +123,7 @@ def pca_residual(
     source: str = "moments",
     sketch_size: int | None = None,
     ridge: float = 1e-6,
+    precision: str = "auto",
 ) -> Estimator:
     """Low-rank Gaussian: whitened distance in the top-``rank`` subspace + residual energy.
 
@@ -97,6 +135,9 @@ def pca_residual(
         ``source="frequent_directions"``.
       ridge: added to every variance, times the mean variance, so that rank-deficient data
         (fewer rows than features, or an empty residual) still scores finitely.
+      precision: operands of the scoring matmuls: ``"auto"`` (bf16 rows: bf16 operands with
+        float32 accumulation after float32 centring; other rows: float32), ``"float32"`` or
+        ``"bfloat16"`` (see :func:`jaxmon.gaussian`).
 
     Returns:
       An :class:`~jaxmon.Estimator` whose fitted value is a :class:`PCAResidualFitted`. Scores
@@ -119,15 +160,19 @@ def pca_residual(
             raise ConfigError(
                 f"pca_residual: sketch_size ({sketch_size}) must exceed rank ({rank})"
             )
-    return _pca_residual(int(rank), source, sketch_size, float(ridge))
+    precision = nm.check_precision("pca_residual", precision)
+    return _pca_residual(int(rank), source, sketch_size, float(ridge), precision)
 
 
 @functools.lru_cache(maxsize=64)
-def _pca_residual(rank: int, source: str, ell: int | None, ridge: float) -> Estimator:
+def _pca_residual(
+    rank: int, source: str, ell: int | None, ridge: float, precision: str
+) -> Estimator:
     # Cached by hyperparameters: equal specs share one set of compiled functions.
-    spec = EstimatorSpec(
-        "pca_residual", {"rank": rank, "source": source, "sketch_size": ell, "ridge": ridge}
-    )
+    params = {"rank": rank, "source": source, "sketch_size": ell, "ridge": ridge}
+    if precision != "auto":  # specs (and checkpoints) written before the knob stay equal
+        params["precision"] = precision
+    spec = EstimatorSpec("pca_residual", params)
     name = "pca_residual"
     sketched = source == "frequent_directions"
 
@@ -172,7 +217,9 @@ def _pca_residual(rank: int, source: str, ell: int | None, ridge: float) -> Esti
     @jax.jit
     def score(fitted: PCAResidualFitted, x, *, mask=None):
         rows, _, _ = check_rows(x, fitted.mean.shape[0], name=name, mask=mask)
-        return finish_scores(pca_scores(fitted, rows), rows, mask, x.shape[:-1], fitted.counts)
+        # finish_scores checks the original rows; the matmuls read their own handle on them.
+        out = pca_scores(fitted, nm.matmul_rows(rows), nm.score_operand(rows.dtype, precision))
+        return finish_scores(out, rows, mask, x.shape[:-1], fitted.counts)
 
     merge = fd.fd_merge_jit if sketched else nm.moments_merge_jit
     return Estimator(init, update, merge, finalize, score, spec)

@@ -25,9 +25,11 @@ neighbors"): the bank is the reservoir, fixed in ``finalize``; the score is the 
 distance to the k-th nearest bank row, optionally on L2-normalised features as in that paper.
 Scoring runs over blocks of queries (``lax.map``) and, inside each, over blocks of the bank
 (``lax.scan``) with a running top-k, so memory is ``query_block × bank_block`` floats whatever
-the number of queries. Candidates are ranked by ``|q|² + |b|² − 2 q·b`` (one matmul per block)
-on rows centred on the bank mean, which keeps float32 digits when activations have large
-means; the k-th neighbour's distance is then recomputed directly as ``|q − b|``.
+the number of queries (twice that for the bf16 candidate search). Candidates are ranked by
+``|q|² + |b|² − 2 q·b`` (one matmul per block, on bf16 operands by default) on rows centred on
+the bank mean, which keeps float32 digits when activations have large means; the k-th
+neighbour's distance is then recomputed exactly as ``|q − b|``, with a proof that no other bank
+row is nearer (``jaxmon_kernels.knn``): the scores equal the float32 route's.
 """
 
 from __future__ import annotations
@@ -56,10 +58,10 @@ from jaxmon._base import (
     valid_rows,
 )
 from jaxmon.errors import ConfigError, NotFittedError
+from jaxmon_kernels import knn_kth_distance
 
 __all__ = ["KNNFitted", "ReservoirState", "knn", "reservoir"]
 
-_HI = jax.lax.Precision.HIGHEST
 _EMPTY = np.uint32(0xFFFFFFFF)
 
 
@@ -247,45 +249,31 @@ def kth_distance(
     normalize: bool,
     query_block: int,
     bank_block: int,
+    precision: str = "auto",
 ) -> jax.Array:
     """Euclidean distance ``[n]`` from each row to its k-th nearest bank row (inf if the bank
-    holds fewer than k rows), computed block by block."""
-    acc = fitted.bank.dtype
-    q = rows.astype(acc)
+    holds fewer than k rows), computed block by block (``jaxmon_kernels.knn_kth_distance``).
+
+    ``precision="auto"`` finds candidates with bf16 distance matmuls and proves them with an
+    exact float32 re-rank (the same k-th distance as ``"float32"``, which runs the float32
+    matmul throughout).
+    """
+    q = rows.astype(fitted.bank.dtype)
     if normalize:
         q = _normalise(q)
     q = q - fitted.center[None, :]
-    nbank, d = fitted.bank.shape
-    bb = min(bank_block, nbank)
-    bank3 = fitted.bank.reshape(nbank // bb, bb, d)
-    sq3 = fitted.bank_sq.reshape(nbank // bb, bb)
-
-    offsets = jnp.arange(nbank // bb, dtype=jnp.int32) * bb
-
-    def block(qb: jax.Array) -> jax.Array:
-        qsq = jnp.sum(qb * qb, -1)
-
-        def step(carry, blk):
-            best, best_idx = carry
-            b, bsq, off = blk
-            dot = jnp.matmul(qb, b.T, precision=_HI)
-            d2 = jnp.maximum(qsq[:, None] + bsq[None, :] - 2 * dot, 0)
-            cand = jnp.concatenate([best, d2], 1)
-            idx = jnp.concatenate(
-                [best_idx, jnp.broadcast_to(off + jnp.arange(bb, dtype=jnp.int32), d2.shape)], 1
-            )
-            val, pos = jax.lax.top_k(-cand, k)
-            return (-val, jnp.take_along_axis(idx, pos, 1)), None
-
-        init = (jnp.full((qb.shape[0], k), jnp.inf, acc), jnp.zeros((qb.shape[0], k), jnp.int32))
-        (best, best_idx), _ = jax.lax.scan(step, init, (bank3, sq3, offsets))
-        # The expansion |q|² + |b|² − 2q·b loses digits for near neighbours (a bank row scored
-        # against itself would come out at ~1e-3, not 0): recompute the k-th distance directly.
-        diff = qb - fitted.bank[best_idx[:, k - 1]]
-        exact = jnp.sqrt(jnp.sum(diff * diff, -1))
-        return jnp.where(jnp.isfinite(best[:, k - 1]), exact, jnp.inf)
-
-    return map_blocks(block, q, query_block)
+    # bf16 candidates need float32 banks (a float64 bank under x64 keeps its own precision).
+    fast = precision != "float32" and fitted.bank.dtype == jnp.float32
+    return knn_kth_distance(
+        q,
+        fitted.bank,
+        fitted.bank_sq,
+        fitted.filled,
+        k=k,
+        query_block=query_block,
+        bank_block=bank_block,
+        candidates="bfloat16" if fast else "float32",
+    )
 
 
 def _build(
@@ -298,6 +286,7 @@ def _build(
     normalize: bool,
     query_block: int,
     bank_block: int,
+    precision: str = "auto",
 ) -> Estimator:
     salts = seed_salts(seed)
 
@@ -333,6 +322,7 @@ def _build(
             normalize=normalize,
             query_block=query_block,
             bank_block=bank_block,
+            precision=precision,
         )
         return finish_scores(out, rows, mask, x.shape[:-1], fitted.counts)
 
@@ -382,6 +372,7 @@ def knn(
     normalize: bool = False,
     query_block: int = 1024,
     bank_block: int = 2048,
+    precision: str = "auto",
 ) -> Estimator:
     """Distance to the k-th nearest neighbour in a reservoir bank (Sun et al. 2022).
 
@@ -392,7 +383,12 @@ def knn(
       normalize: L2-normalise bank rows and queries first, as Sun et al. do (scale-free
         features); otherwise plain Euclidean distance.
       query_block, bank_block: scoring block sizes: memory is ``query_block × bank_block``
-        distances whatever the number of queries.
+        distances whatever the number of queries (at most twice that with bf16 candidates).
+      precision: ``"auto"`` (default; ``"bfloat16"`` is a synonym) finds each query's nearest
+        candidates with bf16 distance matmuls (float32 accumulation, the matrix unit) and
+        re-ranks them exactly in float32, with a proof that no other bank row is nearer (a
+        query block without the proof is recomputed in float32): the scores equal the
+        ``"float32"`` route's, which runs float32 matmuls throughout.
 
     Returns:
       An :class:`~jaxmon.Estimator` with :class:`ReservoirState` states and :class:`KNNFitted`
@@ -400,35 +396,42 @@ def knn(
       holds fewer than k rows): higher means more anomalous. A row that is itself in the bank
       counts as its own neighbour at distance 0.
     """
+    precision = nm.check_precision("knn", precision)
     return _knn(
-        int(k), int(bank_size), int(seed), bool(normalize), int(query_block), int(bank_block)
+        int(k),
+        int(bank_size),
+        int(seed),
+        bool(normalize),
+        int(query_block),
+        int(bank_block),
+        "auto" if precision == "bfloat16" else precision,
     )
 
 
 @functools.lru_cache(maxsize=64)
-def _knn(k, bank_size, seed, normalize, query_block, bank_block) -> Estimator:
+def _knn(k, bank_size, seed, normalize, query_block, bank_block, precision) -> Estimator:
     if not 1 <= k <= bank_size:
         raise ConfigError(f"knn: need 1 ≤ k ≤ bank_size, got k={k}, bank_size={bank_size}")
     if query_block < 1 or bank_block < 1:
         raise ConfigError("knn: query_block and bank_block must be positive")
-    spec = EstimatorSpec(
-        "knn",
-        {
-            "k": k,
-            "bank_size": bank_size,
-            "seed": seed,
-            "normalize": normalize,
-            "query_block": query_block,
-            "bank_block": bank_block,
-        },
-    )
+    params = {
+        "k": k,
+        "bank_size": bank_size,
+        "seed": seed,
+        "normalize": normalize,
+        "query_block": query_block,
+        "bank_block": bank_block,
+    }
+    if precision != "auto":  # specs (and checkpoints) written before the knob stay equal
+        params["precision"] = precision
     return _build(
         "knn",
-        spec,
+        EstimatorSpec("knn", params),
         k=k,
         size=bank_size,
         seed=seed,
         normalize=normalize,
         query_block=query_block,
         bank_block=bank_block,
+        precision=precision,
     )

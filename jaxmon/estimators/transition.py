@@ -36,7 +36,7 @@ from jaxmon._base import (
     require_rows,
 )
 from jaxmon.errors import ConfigError
-from jaxmon_kernels import mahalanobis_sq
+from jaxmon_kernels import centred, mahalanobis_sq
 
 __all__ = ["transition", "TransitionState", "TransitionFitted"]
 
@@ -102,7 +102,8 @@ def _pair(x, name: str, what: str):
     return x[0], x[1]
 
 
-def _pair_rows(x, d_a: int, d_b: int, name: str, mask=None, weights=None):
+def _pair_inputs(x, d_a: int, d_b: int, name: str, mask=None, weights=None):
+    """Both taps' rows, checked and flattened, in one dtype: ``(rows_a, rows_b, m, w, lead)``."""
     xa, xb = _pair(x, name, "x")
     ra, m, w = check_rows(xa, d_a, name=f"{name} (first tap)", mask=mask, weights=weights)
     rb, _, _ = check_rows(xb, d_b, name=f"{name} (second tap)")
@@ -114,7 +115,12 @@ def _pair_rows(x, d_a: int, d_b: int, name: str, mask=None, weights=None):
     # Strict promotion forbids mixing bf16 and f32 implicitly; a common dtype keeps the joint
     # Gram in one kernel call (bf16 only when both taps are bf16).
     dt = ra.dtype if ra.dtype == rb.dtype else jnp.float32
-    return jnp.concatenate([ra.astype(dt), rb.astype(dt)], axis=1), m, w, tuple(xa.shape[:-1])
+    return ra.astype(dt), rb.astype(dt), m, w, tuple(xa.shape[:-1])
+
+
+def _pair_rows(x, d_a: int, d_b: int, name: str, mask=None, weights=None):
+    ra, rb, m, w, lead = _pair_inputs(x, d_a, d_b, name, mask, weights)
+    return jnp.concatenate([ra, rb], axis=1), m, w, lead
 
 
 _NAME = "transition"
@@ -181,22 +187,32 @@ def _finalize(
     )
 
 
-@jax.jit
-def _score(fitted: TransitionFitted, x, mask):
+@functools.partial(jax.jit, static_argnames=("precision",))
+def _score(fitted: TransitionFitted, x, mask, *, precision: str = "auto"):
     d_a, d_b = fitted.coef.shape
-    rows, _, _, lead = _pair_rows(x, d_a, d_b, _NAME, mask)
+    # The taps stay apart (no joint row): slices of a joint bf16 row would reach the matmuls
+    # through an extra float32 copy.
+    ra, rb, _, _, lead = _pair_inputs(x, d_a, d_b, _NAME, mask)
     acc = fitted.coef.dtype
-    # Centre in float32 (activations' means dwarf their spread) before the map.
-    ya = rows[:, :d_a].astype(acc) - fitted.mean_a[None, :]
-    yb = rows[:, d_a:].astype(acc) - fitted.mean_b[None, :]
-    resid = yb - ya @ fitted.coef
-    out = mahalanobis_sq(resid, jnp.zeros((d_b,), acc), fitted.whitener)
-    return finish_scores(out, rows, mask, lead, fitted.counts)
+    operand = nm.score_operand(ra.dtype, precision)
+    # Centre in float32 (activations' means dwarf their spread) before the map; with bf16
+    # operands the map and the whitening run on the matrix unit, the residual in float32.
+    # finish_scores below checks the original rows; the matmuls read their own handles.
+    ya = centred(nm.matmul_rows(ra), fitted.mean_a, operand)
+    yb = centred(nm.matmul_rows(rb), fitted.mean_b)
+    coef = fitted.coef if operand is None else fitted.coef.astype(operand)
+    pred = jax.lax.dot_general(ya, coef, (((1,), (0,)), ((), ())), preferred_element_type=acc)
+    out = mahalanobis_sq(yb - pred, jnp.zeros((d_b,), acc), fitted.whitener, operand_dtype=operand)
+    return finish_scores(out, (ra, rb), mask, lead, fitted.counts)
 
 
 @register("transition")
 def transition(
-    *, ridge: float = 1e-3, rank: int | None = None, residual_ridge: float = 1e-6
+    *,
+    ridge: float = 1e-3,
+    rank: int | None = None,
+    residual_ridge: float = 1e-6,
+    precision: str = "auto",
 ) -> Estimator:
     """Transition between two taps: score = squared Mahalanobis norm of the linear residual.
 
@@ -214,6 +230,10 @@ def transition(
         folded back to ``[d_a, d_b]`` so scoring costs the same.
       residual_ridge: added to the residual covariance's diagonal (times its mean variance)
         before the Cholesky factorisation, so a (near-)deterministic map still factorises.
+      precision: operands of the two scoring matmuls (the map and the whitening): ``"auto"``
+        (bf16 taps: bf16 operands with float32 accumulation, after float32 centring; the
+        residual is formed in float32), ``"float32"`` or ``"bfloat16"`` (see
+        :func:`jaxmon.gaussian`).
 
     Returns:
       An :class:`~jaxmon.Estimator` over pairs ``(x_a, x_b)``; its fitted value is a
@@ -234,9 +254,11 @@ def transition(
         raise ConfigError(f"transition: residual_ridge must be >= 0, got {residual_ridge}")
     ridge, residual_ridge = float(ridge), float(residual_ridge)
     rank = None if rank is None else int(rank)
-    spec = EstimatorSpec(
-        "transition", {"ridge": ridge, "rank": rank, "residual_ridge": residual_ridge}
-    )
+    precision = nm.check_precision("transition", precision)
+    params = {"ridge": ridge, "rank": rank, "residual_ridge": residual_ridge}
+    if precision != "auto":  # specs (and checkpoints) written before the knob stay equal
+        params["precision"] = precision
+    spec = EstimatorSpec("transition", params)
 
     def init(example) -> TransitionState:
         ea, eb = _pair(example, _NAME, "the init example")
@@ -258,6 +280,6 @@ def transition(
         )
 
     def score(fitted: TransitionFitted, x, *, mask=None):
-        return _score(fitted, x, mask)
+        return _score(fitted, x, mask, precision=precision)
 
     return Estimator(init, update, _merge, finalize, score, spec)
