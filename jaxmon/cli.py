@@ -7,7 +7,8 @@ Config files for ``fit`` (JSON or TOML) describe one estimator or a monitor::
 
     # fit.toml
     split = "trusted"                 # rows to fit on (optional; default: all rows)
-    calibration_split = "heldout"     # optional: calibrate p-values on these rows
+    calibration_split = "heldout"     # optional: calibrate p-values on these held-out rows
+                                      # (then split is needed, and another split)
     block_rows = 65536                # optional
 
     [monitor]                         # pattern -> spec, or -> {detector: spec}
@@ -48,6 +49,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import tomllib
 from collections.abc import Sequence
 from typing import Any
@@ -181,10 +183,11 @@ def _build(config: dict[str, Any]):
         if isinstance(est, dict):
             raise CliError("[estimator] must be one spec with a name; use [monitor] for several")
         return est, config.get("tap")
+    from jaxmon._keys import parse_pattern
+
     mon = {}
     for pattern, spec in config["monitor"].items():
-        key = tuple(p.strip() for p in pattern.split("->")) if "->" in pattern else pattern
-        mon[key] = _spec_estimator(spec, f"monitor[{pattern!r}]")
+        mon[parse_pattern(pattern)] = _spec_estimator(spec, f"monitor[{pattern!r}]")
     return jaxmon.monitor(mon), None
 
 
@@ -198,19 +201,14 @@ def _fit(args) -> None:
     store = query.open_store(args.store)
     split = args.split or config.get("split")
     cal_split = config.get("calibration_split")
-    block_rows = config.get("block_rows")
-    is_monitor = tap is None and est.spec.name == "monitor"
-    if cal_split is not None:
-        est = jaxmon.calibrated(est)
-    state, example = query.fit_store(
-        store, est, tap=tap, split=split, block_rows=block_rows, monitor=is_monitor
-    )
-    if cal_split is not None:
-        state = jaxmon.begin_calibration(est, state)
-        state, _ = query.fit_store(
-            store, est, state, tap=tap, split=cal_split, block_rows=block_rows, monitor=is_monitor
+    kw = {"tap": tap, "block_rows": config.get("block_rows")}
+    if cal_split is None:
+        state, example = query.fit_store(store, est, split=split, **kw)
+        fitted = est.finalize(state)
+    else:  # the two passes: fit on `split`, then p-values from the held-out rows
+        est, state, fitted, example = query.calibrate_store(
+            store, est, fit_split=split, calibration_split=cal_split, **kw
         )
-    fitted = est.finalize(state)
     meta = {"store": store.directory, "split": split, "config": config}
     checkpoint.save(
         args.out, est, state, fitted=fitted, step=args.step, metadata=meta, example=example
@@ -297,7 +295,7 @@ def _report(args) -> None:
 def _compare(args) -> None:
     import jaxmon
     from jaxmon import checkpoint
-    from jaxmon._calibration import CalibratedFitted
+    from jaxmon._keys import kind_of
 
     a = checkpoint.load(args.a)
     b = checkpoint.load(args.b)
@@ -310,7 +308,7 @@ def _compare(args) -> None:
     fa = a.fitted if a.fitted is not None else a.estimator.finalize(a.state)
     fb = b.fitted if b.fitted is not None else b.estimator.finalize(b.state)
     results = {}
-    if isinstance(fa, CalibratedFitted):
+    if kind_of(a.estimator).calibrated:  # the inner fits and the score sketches, apart
         inner = jaxmon.compare(fa.inner, fb.inner, skip_unsupported=True)
         sk = jaxmon.compare(fa.scores, fb.scores, skip_unsupported=True)
         inner = inner if isinstance(inner, dict) else {"": inner}
@@ -369,9 +367,31 @@ def _inspect(args) -> None:
         print(f"  user metadata: {json.dumps(m['user'])[:500]}")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="jaxmon", description="Mechanistic anomaly detection over logged activations.")
-    sub = p.add_subparsers(dest="command", required=True)
+_EXIT = (
+    "Bad input (a missing path, a wrong tap name, a truncated store, a bad config...) exits with "
+    "status 2 and one sentence on stderr; JAXMON_DEBUG=1 shows the traceback."
+)
+
+
+def _wrap(text: str) -> str:
+    # The help formatter keeps examples as written, so prose is wrapped here.
+    return textwrap.fill(text, 88)
+
+
+def _command(sub, name: str, summary: str, description: str, example: str, **kw):
+    """A subcommand whose --help says what it does, its arguments and an example."""
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=_wrap(description),
+        epilog=f"example:\n  {example}\n\n{_wrap(_EXIT)}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kw,
+    )
+
+
+def _distributed_flags() -> argparse.ArgumentParser:
+    """The jax.distributed flags shared by ``fit`` and ``score`` (a parent parser)."""
     dist = _Parser(add_help=False)
     g = dist.add_argument_group("many processes (jax.distributed)")
     g.add_argument(
@@ -389,12 +409,21 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--process-id", type=int, metavar="I", help="this process, 0..N-1 (env JAX_PROCESS_ID)"
     )
+    return dist
 
+
+def _add_fit(sub, dist) -> None:
     f = sub.add_parser(
         "fit",
         help="fit a monitor on logged activations and save a checkpoint",
-        description="Fit a monitor (or one estimator) on logged activations and save a checkpoint.",
-        epilog=_config_help(),
+        description=_wrap(
+            "Fit a monitor (or one estimator) on the rows of an activation store and save it, "
+            "with its fitted value, as a jaxmon checkpoint. With calibration_split in the "
+            "config, the monitor is calibrated too: fitted on `split`, then its scores' null "
+            "distribution from the held-out rows (jaxmon.query.calibrate_store), so `jaxmon "
+            "score` gives -log10 p-values."
+        ),
+        epilog=f"{_config_help()}\n{_wrap(_EXIT)}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[dist],
     )
@@ -405,8 +434,19 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--step", type=int, default=0, help="checkpoint step (default 0)")
     f.set_defaults(fn=_fit)
 
-    s = sub.add_parser(
-        "score", help="score every token of a store against a checkpoint", parents=[dist]
+
+def _add_score(sub, dist) -> None:
+    s = _command(
+        sub,
+        "score",
+        "score every token of a store against a checkpoint",
+        "Score every row (token) of an activation store with the monitor of a checkpoint, in "
+        "blocks of bounded memory, and write per-token scores (zarr), the top-k most anomalous "
+        "tokens per key, per-sequence aggregates and a summary into the output directory "
+        "(jaxmon.query.score_store). An interrupted run resumes where it stopped. Prints the "
+        "three most anomalous tokens of every key.",
+        "jaxmon score STORE CK -o Q --top-k 50",
+        parents=[dist],
     )
     s.add_argument("store", help="activation store directory")
     s.add_argument("checkpoint", help="checkpoint directory written by `jaxmon fit`")
@@ -418,13 +458,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--restart", action="store_true", help="start over instead of resuming")
     s.set_defaults(fn=_score)
 
-    k = sub.add_parser(
+
+def _add_rank(sub) -> None:
+    k = _command(
+        sub,
         "rank",
-        help="rank a monitor's keys by how well they separate flagged rows of a store",
-        description="Rank every score key (and sequence aggregation) of a monitor by AUROC of "
-        "the store's rows labelled --flagged against those labelled --trusted, with bootstrap "
-        "confidence intervals. Scores the store with CHECKPOINT into -o, or ranks a finished "
-        "query (--query).",
+        "rank a monitor's keys by how well they separate flagged rows of a store",
+        "Rank every score key (and sequence aggregation) of a monitor by AUROC of the store's "
+        "rows labelled --flagged against those labelled --trusted, with bootstrap confidence "
+        "intervals and the recall at --fpr (jaxmon.query.rank_store). Scores the store with "
+        "CHECKPOINT into -o, or ranks a finished query (--query).",
+        "jaxmon rank STORE --query Q --flagged 1 --limit 10",
     )
     k.add_argument("store", help="activation store directory (its label column is used)")
     k.add_argument("checkpoint", nargs="?", help="checkpoint to score the store with")
@@ -442,24 +486,76 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true", help="print JSON")
     k.set_defaults(fn=_rank)
 
-    r = sub.add_parser("report", help="write an HTML report with PNG plots for a query")
+
+def _add_report(sub) -> None:
+    r = _command(
+        sub,
+        "report",
+        "write an HTML report with PNG plots for a query",
+        "Write an HTML report of a finished query (jaxmon.report.write_report): per score key, "
+        "a histogram of trusted against query scores, token and sequence AUROC when labels "
+        "were logged, and the most anomalous sequences as text when tokens were logged.",
+        "jaxmon report Q -o REPORT --trusted Q_CLEAN",
+    )
     r.add_argument("query", help="query output directory written by `jaxmon score`")
     r.add_argument("-o", "--out", required=True, help="report directory")
     r.add_argument("--trusted", help="a query over trusted data for the reference histogram")
     r.add_argument("--trusted-split", default="trusted", help="split name of trusted rows")
     r.set_defaults(fn=_report)
 
-    c = sub.add_parser("compare", help="compare two checkpoints of the same monitor, per tap")
+
+def _add_compare(sub) -> None:
+    c = _command(
+        sub,
+        "compare",
+        "compare two checkpoints of the same monitor, per tap",
+        "Compare the fitted values of two checkpoints of the same monitor, per key "
+        "(jaxmon.compare): Frechet distance and KL between Gaussians, the change of a "
+        "transition map, principal angles between sketched subspaces, KS between quantile "
+        "sketches. Audits what a dataset or a model edit changed inside the model.",
+        "jaxmon compare CK_BEFORE CK_AFTER --json",
+    )
     c.add_argument("a", help="reference checkpoint")
     c.add_argument("b", help="checkpoint to audit")
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.set_defaults(fn=_compare)
 
-    i = sub.add_parser("inspect", help="print what a checkpoint holds")
+
+def _add_inspect(sub) -> None:
+    i = _command(
+        sub,
+        "inspect",
+        "print what a checkpoint holds",
+        "Print what a jaxmon checkpoint holds: its steps, estimator spec, jaxmon version, init "
+        "example, row counts, whether it has fitted values, and its state's arrays. Every file "
+        "is verified against its digest first.",
+        "jaxmon inspect CK --json",
+    )
     i.add_argument("checkpoint", help="checkpoint directory")
     i.add_argument("--step", type=int, help="step (default: latest)")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(fn=_inspect)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="jaxmon",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_wrap(
+            "Mechanistic anomaly detection over logged activations: fit monitors, score "
+            "stores, rank, report, compare and inspect checkpoints. `jaxmon COMMAND --help` "
+            "describes each command."
+        ),
+        epilog=_wrap(_EXIT),
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    dist = _distributed_flags()
+    _add_fit(sub, dist)
+    _add_score(sub, dist)
+    _add_rank(sub)
+    _add_report(sub)
+    _add_compare(sub)
+    _add_inspect(sub)
     return p
 
 

@@ -186,7 +186,20 @@ def _zarr3_spec(path: str, shape: Sequence[int], dtype: str, chunks: Sequence[in
 
 
 def _safe_name(i: int, name: str) -> str:
+    """The directory name of the ``i``-th array named ``name`` (a tap or a score key)."""
     return f"{i:03d}_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80]
+
+
+def _write_json_atomic(path: str, obj: Any, *, indent: int | None = None) -> None:
+    """Replaces the JSON file ``path`` atomically: a reader sees the old file or the new one.
+
+    ``os.replace`` is atomic for readers and survives a killed process; no fsync: like the
+    tensorstore writes, it guards against the death of the process, not against power loss.
+    """
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(tmp, path)
 
 
 def default_chunk_rows(d: int, itemsize: int) -> int:
@@ -304,11 +317,7 @@ class Manifest:
 
     def save(self, directory: str | os.PathLike) -> None:
         """Replaces ``directory/manifest.json`` atomically (a reader sees the old or the new)."""
-        path = os.path.join(os.fspath(directory), MANIFEST)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-        os.replace(tmp, path)
+        _write_json_atomic(os.path.join(os.fspath(directory), MANIFEST), self.to_json(), indent=1)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Manifest:
@@ -488,6 +497,90 @@ def _rows_shape(what: str, v: Any, lead: tuple[int, ...], *, per_sequence: bool)
         raise ShapeError(f"{what} must hold integers{' or booleans' if is_mask else ''}, got {dt}")
 
 
+def _row_metadata(
+    lead: tuple[int, ...],
+    *,
+    sequences: np.ndarray,
+    sequence_id: Any = None,
+    position: Any = None,
+    label: Any = None,
+    split: int = -1,
+    first_position: int = 0,
+) -> dict[str, np.ndarray]:
+    """The row-metadata columns of rows of leading shape ``lead``, flat, defaults filled in.
+
+    The one place that says what a row's metadata is when it is not given, for
+    :meth:`ActivationWriter.write` and :func:`import_arrays`:
+
+    * ``sequence_id``: ``sequences[j]`` for the rows of entry ``j`` of a ``[batch, seq, ...]``
+      write, ``sequences[0]`` for every row of a ``[tokens]`` write;
+    * ``position``: the index along the last leading axis (from ``first_position`` for
+      ``[tokens]`` rows that continue a sequence);
+    * ``label``: -1 (unknown); ``split``: the split's code (-1: none).
+
+    Given values broadcast over the rows: a scalar, one per sequence (``[batch]`` for
+    ``[batch, seq, ...]`` rows) or one per row (their shapes were checked by
+    :func:`_rows_shape`).
+    """
+    ids = np.asarray(sequences, np.int64).reshape(-1)
+
+    def column(v: Any, default: Callable[[], np.ndarray], dtype: str) -> np.ndarray:
+        if v is None:
+            out = default()
+        else:
+            v = _to_numpy(v)
+            if v.ndim == 0:
+                out = np.full(lead, v)
+            elif len(lead) >= 2 and v.shape == lead[:1]:
+                out = np.broadcast_to(v.reshape(lead[:1] + (1,) * (len(lead) - 1)), lead)
+            else:
+                out = v
+        return np.asarray(out, dtype).reshape(-1)
+
+    if len(lead) >= 2:
+        seq_default = lambda: np.broadcast_to(ids[:, None], (lead[0], math.prod(lead[1:])))
+        pos_default = lambda: np.broadcast_to(np.arange(lead[-1]), lead)
+    else:
+        seq_default = lambda: np.full(lead, ids[0])
+        pos_default = lambda: first_position + np.arange(math.prod(lead)).reshape(lead)
+    return {
+        "sequence_id": column(sequence_id, seq_default, "int64"),
+        "position": column(position, pos_default, "int32"),
+        "label": column(label, lambda: np.full(lead, -1), "int8"),
+        "split": np.full(math.prod(lead), split, np.int8),
+    }
+
+
+def _check_taps(taps: Mapping[str, Any]) -> tuple[tuple[int, ...], dict, dict]:
+    """``(leading shape, {tap: width}, {tap: dtype})`` of one write's taps, or a refusal."""
+    lead: tuple[int, ...] | None = None
+    widths, dtypes = {}, {}
+    for name, x in taps.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"tap names must be non-empty strings, got {_short(name)}")
+        shape, dt = getattr(x, "shape", None), _dtype_name(x)
+        if shape is None or dt is None:
+            raise ShapeError(f"tap {name!r}: expected an array [..., d], got {type(x)}")
+        shape = tuple(int(s) for s in shape)
+        if not shape or shape[-1] < 1:
+            raise ShapeError(f"tap {name!r}: expected an array [..., d], got shape {[*shape]}")
+        if dt not in FLOAT_DTYPES:
+            raise ShapeError(
+                f"tap {name!r}: activations must be floating point "
+                f"({', '.join(FLOAT_DTYPES)}), got {dt}"
+            )
+        if lead is None:
+            lead = shape[:-1]
+        elif shape[:-1] != lead:
+            raise ShapeError(
+                f"tap {name!r} has leading shape {list(shape[:-1])} but other taps have "
+                f"{list(lead)}; every tap of one write must cover the same tokens"
+            )
+        widths[name], dtypes[name] = shape[-1], dt
+    assert lead is not None
+    return lead, widths, dtypes
+
+
 def _is_seq(t: Any) -> bool:
     return hasattr(t, "__len__") and not isinstance(t, str | bytes)
 
@@ -532,6 +625,31 @@ def _flat_tokens(tokens: Any, depth: int) -> list[str]:
     if depth == 1:
         return [str(t) for t in tokens]
     return [s for t in tokens for s in _flat_tokens(t, depth - 1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Write:
+    """One accepted :meth:`ActivationWriter.write`, handed to the background thread.
+
+    Attributes:
+      taps: ``{tap: [*lead, d]}`` arrays in the first write's order (JAX, numpy or PyTorch).
+      lead: the leading shape of the rows.
+      mask, sequence_id, position, label: as given to ``write`` (checked, not converted).
+      split: the split's code (-1: none).
+      tokens: the token strings as given, or None; ``tokens_depth``: how they nest.
+      first_sequence: the first default sequence id of this write (this process's count).
+    """
+
+    taps: dict[str, Any]
+    lead: tuple[int, ...]
+    mask: Any
+    sequence_id: Any
+    position: Any
+    label: Any
+    split: int
+    tokens: Any
+    tokens_depth: int | None
+    first_sequence: int
 
 
 class _Column:
@@ -742,59 +860,18 @@ class ActivationWriter:
             raise ConfigError("write() needs at least one tap")
         if split is not None and not isinstance(split, str):
             raise ConfigError(f"split must be a name (a string), got {type(split).__name__}")
-        lead: tuple[int, ...] | None = None
-        widths, dtypes = {}, {}
-        for name, x in taps.items():
-            if not isinstance(name, str) or not name:
-                raise ConfigError(f"tap names must be non-empty strings, got {_short(name)}")
-            shape, dt = getattr(x, "shape", None), _dtype_name(x)
-            if shape is None or dt is None:
-                raise ShapeError(f"tap {name!r}: expected an array [..., d], got {type(x)}")
-            shape = tuple(int(s) for s in shape)
-            if not shape or shape[-1] < 1:
-                raise ShapeError(f"tap {name!r}: expected an array [..., d], got shape {[*shape]}")
-            if dt not in FLOAT_DTYPES:
-                raise ShapeError(
-                    f"tap {name!r}: activations must be floating point "
-                    f"({', '.join(FLOAT_DTYPES)}), got {dt}"
-                )
-            if lead is None:
-                lead = shape[:-1]
-            elif shape[:-1] != lead:
-                raise ShapeError(
-                    f"tap {name!r} has leading shape {list(shape[:-1])} but other taps have "
-                    f"{list(lead)}; every tap of one write must cover the same tokens"
-                )
-            widths[name], dtypes[name] = shape[-1], dt
-        assert lead is not None
+        lead, widths, dtypes = _check_taps(taps)
         _rows_shape("mask", mask, lead, per_sequence=False)
         _rows_shape("sequence_id", sequence_id, lead, per_sequence=True)
         _rows_shape("position", position, lead, per_sequence=True)
         _rows_shape("label", label, lead, per_sequence=True)
         depth = None if tokens is None else _tokens_depth(tokens, lead)
         with self._lock:
-            spec = self._spec or {k: (d, self.dtype or dtypes[k]) for k, d in widths.items()}
-            if set(widths) != set(spec):
-                raise ConfigError(
-                    f"write() got taps {sorted(widths)} but this store logs {sorted(spec)}; "
-                    "every write must give every tap"
-                )
-            for k, d in widths.items():
-                if d != spec[k][0]:
-                    raise ShapeError(
-                        f"tap {k!r}: expected [..., {spec[k][0]}] (the width of its first "
-                        f"write), got {[*lead, d]}"
-                    )
+            self._check_spec(widths, dtypes, lead)
             # Accepted: from here on, nothing refuses the write.
-            if self._spec is None:
-                self._spec = spec
-                if self.chunk_rows is None:
-                    widest = max(d * _np_dtype(dt).itemsize for d, dt in spec.values())
-                    self.chunk_rows = default_chunk_rows(widest, 1)
-            n_seq = lead[0] if len(lead) >= 2 else 1
             seq0 = self._next_seq
             if sequence_id is None:
-                self._next_seq += n_seq
+                self._next_seq += lead[0] if len(lead) >= 2 else 1
             if split is not None and split not in self._splits:
                 self._splits.append(split)
             split_code = -1 if split is None else self._splits.index(split)
@@ -804,8 +881,31 @@ class ActivationWriter:
         for x in handed.values():
             if hasattr(x, "copy_to_host_async"):
                 x.copy_to_host_async()  # start the device-to-host copy; convert off-thread
-        item = (handed, lead, mask, sequence_id, position, label, split_code, tokens, depth, seq0)
-        self._queue.put(item)
+        self._queue.put(
+            _Write(
+                handed, lead, mask, sequence_id, position, label, split_code, tokens, depth, seq0
+            )
+        )
+
+    def _check_spec(self, widths: dict[str, int], dtypes: dict[str, str], lead: tuple) -> None:
+        """Refuses taps that differ from the first write's; the first write sets them."""
+        spec = self._spec or {k: (d, self.dtype or dtypes[k]) for k, d in widths.items()}
+        if set(widths) != set(spec):
+            raise ConfigError(
+                f"write() got taps {sorted(widths)} but this store logs {sorted(spec)}; "
+                "every write must give every tap"
+            )
+        for k, d in widths.items():
+            if d != spec[k][0]:
+                raise ShapeError(
+                    f"tap {k!r}: expected [..., {spec[k][0]}] (the width of its first "
+                    f"write), got {[*lead, d]}"
+                )
+        if self._spec is None:
+            self._spec = spec
+            if self.chunk_rows is None:
+                widest = max(d * _np_dtype(dt).itemsize for d, dt in spec.values())
+                self.chunk_rows = default_chunk_rows(widest, 1)
 
     def close(self) -> dict[str, Any]:
         """Waits for every write, trims the arrays to the rows written, commits the manifest.
@@ -1074,7 +1174,7 @@ class ActivationWriter:
                 if item is None:
                     return
                 if item:
-                    self._consume(*item)
+                    self._consume(item)
                     self._drain(self.max_pending)
                 self._reap()
                 self._commit()
@@ -1093,46 +1193,33 @@ class ActivationWriter:
             self._meta[k] = _Column(path, None, dt, self.chunk_rows)
         self._commit(force=True)  # rows = 0: the store opens from here on
 
-    def _consume(
-        self, handed, lead, mask, sequence_id, position, label, split, tokens, depth, seq0
-    ) -> None:
-        arrays = {k: _to_numpy(v) for k, v in handed.items()}
+    def _consume(self, item: _Write) -> None:
+        lead, tokens = item.lead, item.tokens
+        arrays = {k: _to_numpy(v) for k, v in item.taps.items()}
         n = math.prod(lead)
         if not self._taps:
             self._open_columns()
+        mask = item.mask
         keep = None if mask is None else _to_numpy(mask).reshape(-1).astype(bool)
-
-        def rows_of(v: Any, default: Callable[[], np.ndarray], dtype: str) -> np.ndarray:
-            if v is None:
-                out = default()
-            else:  # shapes were checked by write()
-                v = _to_numpy(v)
-                if v.ndim == 0:
-                    out = np.full(lead, v)
-                elif len(lead) >= 2 and v.shape == lead[:1]:
-                    out = np.broadcast_to(v.reshape(lead[:1] + (1,) * (len(lead) - 1)), lead)
-                else:
-                    out = v
-            out = np.asarray(out, dtype).reshape(-1)
-            return out if keep is None else out[keep]
-
-        if len(lead) >= 2:
-            seqs = self._sequence_ids(seq0 + np.arange(lead[0], dtype=np.int64))
-            seq_default = lambda: np.broadcast_to(seqs[:, None], (lead[0], math.prod(lead[1:])))
-            pos_default = lambda: np.broadcast_to(np.arange(lead[-1]), lead)
-        else:
-            seq1 = self._sequence_ids(np.int64(seq0))
-            seq_default = lambda: np.full(lead, seq1)
-            pos_default = lambda: np.arange(n).reshape(lead)
-        meta = {
-            "sequence_id": rows_of(sequence_id, seq_default, "int64"),
-            "position": rows_of(position, pos_default, "int32"),
-            "label": rows_of(label, lambda: np.full(lead, -1), "int8"),
-            "split": rows_of(None, lambda: np.full(lead, split), "int8"),
-        }
+        # Default sequence ids: one per [batch] entry (or one for a [tokens] write), distinct
+        # across the processes of a job.
+        first = item.first_sequence
+        ids = self._sequence_ids(
+            first + np.arange(lead[0] if len(lead) >= 2 else 1, dtype=np.int64)
+        )
+        meta = _row_metadata(
+            lead,
+            sequences=ids,
+            sequence_id=item.sequence_id,
+            position=item.position,
+            label=item.label,
+            split=item.split,
+        )
+        if keep is not None:
+            meta = {k: v[keep] for k, v in meta.items()}
         kept = len(meta["position"])
         if tokens is not None:
-            flat = _flat_tokens(tokens, depth)
+            flat = _flat_tokens(tokens, item.tokens_depth)
             if keep is not None:
                 flat = [t for t, k in zip(flat, keep, strict=True) if k]
             if self._tokens_file is None:
@@ -1322,6 +1409,22 @@ def _safetensors(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _import_lead(arrays: Mapping[str, Any]) -> tuple[int, ...]:
+    """The leading shape of arrays to import (``[tokens]`` or ``[batch, seq]``), or a refusal."""
+    shapes = {k: tuple(a.shape) for k, a in arrays.items()}
+    lead = next(iter(shapes.values()))[:-1]
+    for k, s in shapes.items():
+        if s[:-1] != lead or len(s) not in (2, 3):
+            raise ShapeError(
+                f"tap {k!r} has shape {list(s)}; every tap must be [tokens, d] or [batch, seq, d] "
+                f"with the same leading shape {list(lead)}"
+            )
+        dt = _dtype_name(arrays[k])
+        if dt not in FLOAT_DTYPES:
+            raise ShapeError(f"tap {k!r}: activations must be floating point, got {dt}")
+    return lead
+
+
 def import_arrays(
     directory: str | os.PathLike,
     arrays: Mapping[str, Any],
@@ -1354,17 +1457,7 @@ def import_arrays(
         raise ConfigError("no tap arrays to import")
     if not _is_int(block_rows) or block_rows < 1:
         raise ConfigError(f"block_rows must be a positive integer, got {_short(block_rows)}")
-    shapes = {k: tuple(a.shape) for k, a in arrays.items()}
-    lead = next(iter(shapes.values()))[:-1]
-    for k, s in shapes.items():
-        if s[:-1] != lead or len(s) not in (2, 3):
-            raise ShapeError(
-                f"tap {k!r} has shape {list(s)}; every tap must be [tokens, d] or [batch, seq, d] "
-                f"with the same leading shape {list(lead)}"
-            )
-        dt = _dtype_name(arrays[k])
-        if dt not in FLOAT_DTYPES:
-            raise ShapeError(f"tap {k!r}: activations must be floating point, got {dt}")
+    lead = _import_lead(arrays)
     meta = {"sequence_id": sequence_id, "position": position, "label": label}
     meta = {k: None if v is None else np.asarray(v) for k, v in meta.items()}
     for k, v in meta.items():
@@ -1374,11 +1467,6 @@ def import_arrays(
     per = math.prod(lead[1:]) if len(lead) > 1 else 1
     step = max(1, block_rows // max(per, 1))
     n0 = lead[0]
-    if len(lead) == 1:
-        if meta["sequence_id"] is None:
-            meta["sequence_id"] = np.zeros(lead, np.int64)
-        if meta["position"] is None:
-            meta["position"] = np.arange(n0)
     # Importing is one process's job (every process importing the same files would log them
     # twice): the writer acts alone here, whatever the job's process count.
     with ActivationWriter(
@@ -1387,14 +1475,25 @@ def import_arrays(
         for i in range(0, n0, step):
             sl = slice(i, min(n0, i + step))
             block = {k: np.asarray(a[sl]) for k, a in arrays.items()}
-            kw = {}
-            for k, v in meta.items():
-                if v is None:
-                    continue
-                kw[k] = v if v.ndim == 0 else v[sl]
-            if len(lead) > 1 and kw.get("sequence_id") is None:
-                kw["sequence_id"] = np.arange(sl.start, sl.stop)
-            w.write(block, split=split, **kw)
+            given = {k: v if v is None or v.ndim == 0 else v[sl] for k, v in meta.items()}
+            rows = (sl.stop - sl.start, *lead[1:])
+            # The writer's defaults, for the whole input rather than one block: a [tokens]
+            # array is one sequence whose positions run on across blocks; [batch, seq] rows
+            # are one sequence per batch entry, numbered from the input's first.
+            cols = _row_metadata(
+                rows,
+                sequences=np.arange(sl.start, sl.stop) if len(lead) > 1 else 0,
+                sequence_id=given["sequence_id"],
+                position=given["position"],
+                first_position=i if len(lead) == 1 else 0,
+            )
+            w.write(
+                block,
+                split=split,
+                label=given["label"],
+                sequence_id=cols["sequence_id"].reshape(rows),
+                position=cols["position"].reshape(rows),
+            )
     return w.close()
 
 

@@ -1,13 +1,23 @@
 """Batch anomaly queries over activation stores (the only module that reads tensorstore).
 
-:func:`score_store` streams a store written by :class:`jaxmon.io.ActivationWriter` in
-chunk-aligned blocks: the reads of block ``i+1`` are issued before block ``i`` is scored; the
-tail block is padded and masked so the scoring function compiles once; each block is split
-over the local devices (data parallel); per-token scores go to a zarr3 array per score key; a
-running top-k of the most anomalous tokens is kept per key. After each completed block a small
-progress record is replaced atomically, so a killed query resumes from its last completed
-block and produces bit-identical output. Memory is bounded by the block size, not by the
-number of tokens (per-sequence aggregates are O(sequences)).
+A store written by :class:`jaxmon.io.ActivationWriter` is read, fitted on, calibrated on and
+scored in chunk-aligned blocks: memory is bounded by the block size, not by the number of
+tokens (per-sequence aggregates are O(sequences)).
+
+* :func:`fit_store` folds blocks into an estimator's state; :func:`calibrate_store` runs the
+  two passes of calibration (fit, :func:`jaxmon.begin_calibration`, held-out rows, finalize).
+* :func:`score_store` scores every row and is a pipeline of named parts: the one block reader
+  (:func:`_read_blocks`: the reads of block ``i+1`` are issued before block ``i`` is scored, the
+  tail block is padded and masked so the scoring function compiles once), a compiled block
+  scorer split over the local devices (data parallel), the score arrays (one zarr3 array per
+  score key), a running top-k and non-finite count per key (:class:`_Tally`), the resume
+  journal (:class:`_Journal`: after each completed block a small progress record is replaced
+  atomically, so a killed query resumes from its last completed block and produces
+  bit-identical output) and the summary pass (:class:`_KeyStats`, :class:`_SequenceTable`).
+* :func:`score_store_batch` runs whole-batch detectors (QUE, spectral signatures) through the
+  same scoring loop, as plain score functions.
+
+Long loops show a ``tqdm`` progress bar on stderr when it is a terminal (``progress=``).
 
 Rows holding NaN or inf in a tap are maximally anomalous: every jaxmon estimator scores them
 ``+inf``; the summary counts them per score key (``nonfinite``) and they lead the top-k.
@@ -17,10 +27,11 @@ Every read goes through :class:`Store` (or :class:`QueryResult`), which turns a 
 :class:`~jaxmon.errors.StoreError` naming the tap or column, the rows and the chunk file, with
 tensorstore's error chained as its cause.
 
-**Many processes (``jax.distributed``).** :func:`fit_store`, :func:`score_store` and
-:func:`score_store_batch` are collective: every process makes the same call, on a store and an
-output directory that every process sees. Blocks of ``b`` rows are dealt round robin (block
-``i`` to process ``i % process_count``) and split over each process's local devices.
+**Many processes (``jax.distributed``).** :func:`fit_store`, :func:`calibrate_store`,
+:func:`score_store` and :func:`score_store_batch` are collective: every process makes the same
+call, on a store and an output directory that every process sees. Blocks of ``b`` rows are
+dealt round robin (block ``i`` to process ``i % process_count``) and split over each process's
+local devices.
 
 * ``fit_store`` folds each process's blocks locally (one replica per device, merged with the
   estimator's own ``merge``), then gathers every process's state (``process_allgather``) and
@@ -46,6 +57,7 @@ Output directory of a query::
     progress.json      next block, the running top-k and non-finite counts (replaced atomically
                        per block); ``progress-<i>.json`` per process with several processes
     scores/<i>_<key>/  zarr3 float32 [rows] per score key (crc32c-checksummed chunks)
+    raw/<i>_<key>/     for a calibrated query, the raw inner scores too (scored once)
     sequences.npz      per-sequence id, tokens, label, split, max and mean score per key
     summary.json       per key: top-k tokens, score statistics, non-finite rows, and when the
                        estimator is calibrated, threshold exceedances at several false-positive
@@ -61,20 +73,32 @@ import os
 import re
 import shutil
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
+from tqdm import tqdm
 
-from jaxmon._base import Estimator, label_kwargs, nonfinite_rows, require_fitted
+from jaxmon._base import Estimator, EstimatorSpec, label_kwargs, nonfinite_rows, require_fitted
+from jaxmon._calibration import (
+    CalibratedFitted,
+    CalibratedState,
+    _inner_for,
+    begin_calibration,
+    calibrated,
+    p_values_of_scores,
+    threshold,
+)
+from jaxmon._keys import EstimatorKind, MonitorKey, kind_of
 from jaxmon.errors import ConfigError, StoreError, one_line
 from jaxmon.io import (
     MANIFEST,
     Manifest,
+    _safe_name,
+    _write_json_atomic,
     _zarr3_spec,
     all_gather_ints,
     read_tokens,
@@ -82,10 +106,13 @@ from jaxmon.io import (
 )
 
 __all__ = [
+    "Calibration",
+    "MonitorKey",
     "PendingRead",
     "QueryResult",
     "Store",
     "StoreError",
+    "calibrate_store",
     "fit_store",
     "load_result",
     "open_store",
@@ -96,6 +123,10 @@ __all__ = [
 
 FPRS = (0.1, 0.01, 0.001)
 _MAX_MESSAGE = 300
+
+# A plain score function, the one thing the scoring loop needs from an estimator or a batch
+# detector: ``score(fitted, x, *, mask=None) -> [rows] | {key: [rows]}``, higher = more anomalous.
+ScoreFn = Callable[..., Any]
 
 
 # --------------------------------------------------------------------------- stores
@@ -309,6 +340,18 @@ class Store:
             out = self._global_splits(out, *self._range(start, stop))
         return out
 
+    def column(self, name: str) -> np.ndarray:
+        """Every committed row of a row-metadata column, read in bounded steps.
+
+        Raises:
+          StoreError: no such column, or rows that cannot be read.
+        """
+        step = 1 << 20
+        parts = [self.read_meta(name, lo, lo + step) for lo in range(0, self.rows, step)]
+        if not parts:
+            return self.read_meta(name, 0, 0)
+        return np.concatenate(parts)
+
     def _global_splits(self, codes: np.ndarray, start: int, stop: int) -> np.ndarray:
         """Each shard's split codes (indices into its own list) as indices into ``splits``."""
         out = codes.copy()
@@ -439,20 +482,20 @@ def _open_sharded(directory: str, manifest: Manifest, check_chunks: bool) -> Sto
     splits: list[str] = []
     for _, _, p in parts:
         splits += [x for x in p.splits if x not in splits]
-    merged = {
-        **manifest.to_json(),
-        "rows": first,
-        "chunk_rows": parts[0][2].chunk_rows if parts else manifest.chunk_rows,
-        "taps": {t: {"shape": [first, d], "dtype": dt} for t, (d, dt) in (spec or {}).items()},
-        "row_meta": {c: f"rows/{c}" for c in sorted(cols)},  # inside each shard
-        "splits": splits,
-        "has_labels": any(p.manifest.get("has_labels") for _, _, p in parts),
-        "complete": manifest.complete and all(p.complete for _, _, p in parts),
-        "shards": [
+    merged = dataclasses.replace(
+        manifest,
+        rows=first,
+        chunk_rows=parts[0][2].chunk_rows if parts else manifest.chunk_rows,
+        taps={t: {"shape": [first, d], "dtype": dt} for t, (d, dt) in (spec or {}).items()},
+        row_meta={c: f"rows/{c}" for c in sorted(cols)},  # inside each shard
+        splits=splits,
+        has_labels=any(p.manifest.get("has_labels") for _, _, p in parts),
+        complete=manifest.complete and all(p.complete for _, _, p in parts),
+        shards=[
             {"path": os.path.relpath(p.directory, directory), "start": f, "rows": r}
             for f, r, p in parts
         ],
-    }
+    ).to_json()
     return Store(directory, merged, taps, meta, parts)
 
 
@@ -476,75 +519,97 @@ def _positive(value: Any, name: str, *, optional: bool = False) -> Any:
     return int(value)
 
 
-# --------------------------------------------------------------------------- scoring plan
+# --------------------------------------------------------------------------- what to read
 
 
-def _is_calibrated(fitted: Any) -> bool:
-    from jaxmon._calibration import CalibratedFitted
+def _single_tap(store: Store, tap: str | None, purpose: str) -> str:
+    """The tap a single-tap estimator reads: ``tap``, or the store's only one."""
+    if tap is None:
+        if len(store.taps) != 1:
+            raise StoreError(
+                f"the store holds taps {sorted(store.taps)}; say which one {purpose} with tap="
+            )
+        return next(iter(store.taps))
+    if tap not in store.taps:
+        raise StoreError(f"the store has no tap {tap!r} (taps: {sorted(store.taps)})")
+    return tap
 
-    return isinstance(fitted, CalibratedFitted)
+
+def _store_example(store: Store, taps: Sequence[str], monitor: bool) -> Any:
+    """The ``init`` example of one row: ``{tap: ShapeDtypeStruct}`` or, single-tap, one entry."""
+    example = {
+        t: jax.ShapeDtypeStruct((int(store.taps[t].shape[1]),), store.taps[t].dtype.numpy_dtype)
+        for t in taps
+    }
+    return example if monitor else example[taps[0]]
 
 
-def _taps_of_key(key: str) -> list[str]:
-    """Tap names behind a monitor key: ``tap``, ``tap:det``, ``a->b``, ``a->b:det``."""
-    base = key.split(":", 1)[0] if ":" in key else key
-    return base.split("->") if "->" in base else [base]
+def _require_estimator(est: Any, where: str, *, checkpoints: bool = False) -> Estimator:
+    """``est`` if it is an estimator; else a ConfigError naming what ``where`` takes."""
+    if not isinstance(est, Estimator):
+        also = ", a Checkpoint or a checkpoint path" if checkpoints else ""
+        raise ConfigError(
+            f"{where}: expected a jaxmon Estimator (e.g. jaxmon.gaussian()){also}, got "
+            f"{type(est).__name__}"
+        )
+    return est
+
+
+def _checkpoint(est_or_checkpoint: Any) -> Any:
+    """A :class:`jaxmon.checkpoint.Checkpoint` for a path or a Checkpoint; None otherwise."""
+    if isinstance(est_or_checkpoint, str | os.PathLike):
+        from jaxmon import checkpoint
+
+        return checkpoint.load(est_or_checkpoint)
+    if hasattr(est_or_checkpoint, "estimator") and hasattr(est_or_checkpoint, "state"):
+        return est_or_checkpoint
+    return None
 
 
 def _resolve(est_or_checkpoint: Any, fitted: Any) -> tuple[Estimator, Any, dict[str, Any]]:
     """(estimator, fitted, info) from an estimator + fitted, a Checkpoint or a checkpoint path."""
-    if isinstance(est_or_checkpoint, str | os.PathLike):
-        from jaxmon import checkpoint
-
-        est_or_checkpoint = checkpoint.load(est_or_checkpoint)
     info: dict[str, Any] = {}
-    if hasattr(est_or_checkpoint, "estimator") and hasattr(est_or_checkpoint, "state"):
-        ck = est_or_checkpoint
+    ck = _checkpoint(est_or_checkpoint)
+    if ck is not None:
         info = {"checkpoint_step": ck.step, "checkpoint_rows": ck.metadata.get("rows")}
         est = ck.estimator
         if fitted is None:
             fitted = ck.fitted if ck.fitted is not None else est.finalize(ck.state)
     else:
-        est = est_or_checkpoint
-    if not isinstance(est, Estimator):
-        raise ConfigError(
-            f"expected a jaxmon Estimator, a Checkpoint or a checkpoint path, got "
-            f"{type(est).__name__}"
-        )
+        est = _require_estimator(est_or_checkpoint, "score_store", checkpoints=True)
     if fitted is None:
         raise ConfigError("score_store needs fitted values: pass fitted= or a checkpoint")
     return est, fitted, info
 
 
-def _plan(est: Estimator, fitted: Any, store: Store, tap: str | None) -> tuple[list[str], bool]:
-    """(taps to read, monitor mode)."""
-    inner = fitted.inner if _is_calibrated(fitted) else fitted
-    if isinstance(inner, Mapping):
-        needed: list[str] = []
-        for key in inner:
-            for t in _taps_of_key(str(key)):
-                if t not in store.taps:
-                    raise StoreError(
-                        f"the store has no tap {t!r} needed by score key {key!r} (taps: "
-                        f"{sorted(store.taps)})"
-                    )
-                if t not in needed:
-                    needed.append(t)
-        if tap is not None and tap not in needed:
-            raise StoreError(
-                f"tap {tap!r} is not scored by this monitor (its keys read taps {needed})"
-            )
-        return needed, True
-    if tap is None:
-        if len(store.taps) != 1:
-            raise StoreError(
-                f"the store holds taps {sorted(store.taps)}; say which one this estimator "
-                "scores with tap="
-            )
-        tap = next(iter(store.taps))
-    if tap not in store.taps:
-        raise StoreError(f"the store has no tap {tap!r} (taps: {sorted(store.taps)})")
-    return [tap], False
+def _keyed_fitted(kind: EstimatorKind, fitted: Any) -> Mapping[str, Any]:
+    """A monitor's fitted values by key (the inner ones of a calibrated monitor)."""
+    inner = fitted.inner if kind.calibrated else fitted
+    if not isinstance(inner, Mapping):
+        raise ConfigError(
+            f"the fitted value of a monitor is a dict keyed by monitor keys, got "
+            f"{type(inner).__name__}: pass the fitted value of this estimator"
+        )
+    return inner
+
+
+def _taps_to_score(kind: EstimatorKind, fitted: Any, store: Store, tap: str | None) -> list[str]:
+    """The taps a query reads: those its monitor keys name, or the single-tap estimator's."""
+    if not kind.monitor:
+        return [_single_tap(store, tap, "this estimator scores")]
+    needed: list[str] = []
+    for key in _keyed_fitted(kind, fitted):
+        for t in MonitorKey.parse(str(key)).taps:
+            if t not in store.taps:
+                raise StoreError(
+                    f"the store has no tap {t!r} needed by score key {key!r} (taps: "
+                    f"{sorted(store.taps)})"
+                )
+            if t not in needed:
+                needed.append(t)
+    if tap is not None and tap not in needed:
+        raise StoreError(f"tap {tap!r} is not scored by this monitor (its keys read taps {needed})")
+    return needed
 
 
 def _mesh(devices: Sequence[Any] | None) -> jax.sharding.Mesh:
@@ -563,6 +628,31 @@ def _block_rows(store: Store, block_rows: int | None, n_dev: int) -> int:
     while b % n_dev:
         b += c
     return b
+
+
+def _bar(total: int, *, progress: bool | None, desc: str, initial: int = 0) -> tqdm:
+    """A ``tqdm`` bar over rows on stderr.
+
+    ``progress=None``: shown only when stderr is a terminal, and only by process 0 of a
+    ``jax.distributed`` job (one bar, not one per process); True/False: always/never.
+    """
+    if progress is None:
+        disable = None if jax.process_index() == 0 else True  # None: tqdm's terminal check
+    else:
+        disable = not progress
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="rows",
+        disable=disable,
+        file=sys.stderr,
+        mininterval=0.2,
+        dynamic_ncols=True,
+    )
+
+
+# --------------------------------------------------------------------------- the block reader
 
 
 @dataclasses.dataclass
@@ -637,20 +727,62 @@ def _block_rows_of(n: int, b: int, blocks: Sequence[int]) -> int:
     return int(sum(max(0, min(b, n - i * b)) for i in blocks))
 
 
-def _scorer(est: Estimator, monitor: bool, taps: list[str], mesh, fitted: Any) -> Callable:
-    """The jitted block scorer: ``(scores, finite, raw)``.
+def _agree(err: Exception | None, what: str, processes: int) -> None:
+    """Collective: every process learns whether any failed, and then all of them raise.
+
+    The process that failed raises its own error; the others a :class:`StoreError` naming it.
+    Also the barrier between the steps of a multi-process query or fit.
+    """
+    if processes == 1:
+        if err is not None:
+            raise err
+        return
+    got = all_gather_ints([0 if err is None else 1])
+    if err is not None:
+        raise err
+    failed = [i for i in range(got.shape[0]) if got[i, 0]]
+    if failed:
+        raise StoreError(
+            f"process {failed[0]} of {processes} failed {what} (its own error says why); the "
+            "blocks committed so far are kept: run the same call again to resume"
+        )
+
+
+# --------------------------------------------------------------------------- the block scorer
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scoring:
+    """What a query scores, whatever produced it (an estimator or a batch detector).
+
+    Attributes:
+      score: the plain score function (see :data:`ScoreFn`); for a calibrated query, the
+        inner estimator's (the calibrated ``-log10 p`` is looked up from its raw scores).
+      fitted: what ``score`` takes (for a calibrated query, the ``CalibratedFitted``).
+      taps: the store's taps read.
+      monitor: whether ``score`` takes ``{tap: rows}`` and returns ``{key: scores}``.
+      calibrated: whether the scores are calibrated (the raw ones are kept too).
+      spec: the JSON spec recorded in ``query.json`` and ``summary.json``.
+      info: more of the record (the checkpoint's step and rows).
+    """
+
+    score: ScoreFn
+    fitted: Any
+    taps: list[str]
+    monitor: bool
+    calibrated: bool
+    spec: dict[str, Any]
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _block_fn(scoring: _Scoring) -> Callable:
+    """``(fitted, {tap: [b, d]}, mask [b]) -> (scores, finite, raw)``, each a dict per key.
 
     For a calibrated fitted value the rows are scored once: the inner estimator's raw scores,
     and the calibrated ``-log10 p`` looked up from them (:func:`jaxmon.p_values_of_scores`);
-    ``raw`` is None otherwise.
+    ``raw`` is None otherwise. ``finite`` says, per tap, which rows hold no NaN/inf.
     """
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    inner = None
-    if _is_calibrated(fitted):
-        from jaxmon._calibration import _inner_for
-
-        inner = _inner_for(fitted.spec)
+    taps, monitor = scoring.taps, scoring.monitor
 
     def as_dict(out):
         out = out if monitor else {taps[0]: out}
@@ -659,12 +791,10 @@ def _scorer(est: Estimator, monitor: bool, taps: list[str], mesh, fitted: Any) -
     def f(fitted, xs, mask):
         x = xs if monitor else xs[taps[0]]
         raw = None
-        if inner is None:
-            out = est.score(fitted, x, mask=mask)
+        if not scoring.calibrated:
+            out = scoring.score(fitted, x, mask=mask)
         else:
-            from jaxmon._calibration import p_values_of_scores
-
-            raw = inner.score(fitted.inner, x, mask=mask)
+            raw = scoring.score(fitted.inner, x, mask=mask)
             lp = p_values_of_scores(fitted, raw, log=True)
             # -log10 p, 0 on masked rows: exactly what calibrated(...).score gives.
             out = jax.tree.map(lambda v: jnp.where(mask, -v / jnp.log(10.0), 0.0), lp)
@@ -672,10 +802,58 @@ def _scorer(est: Estimator, monitor: bool, taps: list[str], mesh, fitted: Any) -
         # Which rows hold a NaN/inf, per tap, whatever the estimator made of them. The same
         # expression as the estimators' own check (finish_scores), so XLA computes it once:
         # measured free next to a Gaussian score (an all(isfinite) here cost ~5%).
-        finite = {t: ~nonfinite_rows(x) for t, x in xs.items()}
+        finite = {t: ~nonfinite_rows(v) for t, v in xs.items()}
         return as_dict(out), finite, raw
 
-    return jax.jit(f, in_shardings=(rep, rows, rows), out_shardings=rows), rows, rep
+    return f
+
+
+@dataclasses.dataclass
+class _Compiled:
+    """The block scorer compiled once for the padded block shape (the tail block reuses it).
+
+    Attributes:
+      fn: the compiled ``(fitted, xs, mask) -> (scores, finite, raw)``.
+      fitted: the fitted value, replicated over the mesh.
+      rows: the sharding of a block's rows (split over the devices).
+      keys: the score keys, in the scorer's output order.
+      key_taps: the taps each key reads: its non-finite rows are those with a NaN/inf in any.
+    """
+
+    fn: Callable
+    fitted: Any
+    rows: jax.sharding.NamedSharding
+    keys: list[str]
+    key_taps: dict[str, list[str]]
+
+    def __call__(self, blk: _Block) -> tuple[dict, dict, dict | None]:
+        """Scores one block: ``(scores, finite, raw)`` on the host, ``[b]`` per key or tap."""
+        xs = {t: jax.device_put(x, self.rows) for t, x in blk.taps.items()}
+        mask = jax.device_put(blk.mask(), self.rows)
+        return jax.device_get(self.fn(self.fitted, xs, mask))
+
+
+def _compile(scoring: _Scoring, store: Store, mesh: jax.sharding.Mesh, b: int) -> _Compiled:
+    """Traces and compiles the block scorer once for blocks of ``b`` rows over ``mesh``."""
+    P = jax.sharding.PartitionSpec
+    rows = jax.sharding.NamedSharding(mesh, P("data"))
+    rep = jax.sharding.NamedSharding(mesh, P())
+    fn = jax.jit(_block_fn(scoring), in_shardings=(rep, rows, rows), out_shardings=rows)
+    fitted = jax.device_put(scoring.fitted, rep)
+    abstract = {
+        t: jax.ShapeDtypeStruct(
+            (b, int(store.taps[t].shape[1])), store.taps[t].dtype.numpy_dtype, sharding=rows
+        )
+        for t in scoring.taps
+    }
+    lowered = fn.lower(fitted, abstract, jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=rows))
+    keys = list(lowered.out_info[0])
+    taps = scoring.taps
+    if scoring.monitor:
+        key_taps = {k: [t for t in MonitorKey.parse(k).taps if t in taps] or taps for k in keys}
+    else:
+        key_taps = dict.fromkeys(keys, taps)
+    return _Compiled(lowered.compile(), fitted, rows, keys, key_taps)
 
 
 # --------------------------------------------------------------------------- top-k
@@ -708,6 +886,149 @@ def _topk_merge(rows_a, sc_a, rows_b, sc_b, k: int):
     sc = np.concatenate([sc_a, sc_b])
     order = np.lexsort((rows, -_rank(sc)))[:k]
     return rows[order], sc[order]
+
+
+@dataclasses.dataclass
+class _Tally:
+    """What a scoring pass carries from block to block, per key: the running top-k (rows and
+    scores) and the count of non-finite rows. Merging two tallies (two processes' blocks)
+    gives the tally of both, whatever the order."""
+
+    k: int
+    topk: dict[str, tuple[np.ndarray, np.ndarray]]
+    nonfinite: dict[str, int]
+
+    @classmethod
+    def empty(cls, keys: Sequence[str], k: int) -> _Tally:
+        none = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+        return cls(k, dict.fromkeys(keys, none), dict.fromkeys(keys, 0))
+
+    def add(self, key: str, first_row: int, scores: np.ndarray, nonfinite: int) -> None:
+        """Folds in one block's scores of ``key`` (rows from ``first_row``)."""
+        idx = _block_topk(scores, self.k)
+        rows = first_row + idx.astype(np.int64)
+        self.topk[key] = _topk_merge(*self.topk[key], rows, scores[idx], self.k)
+        self.nonfinite[key] += int(nonfinite)
+
+    def merge(self, other: _Tally) -> None:
+        for key in self.topk:
+            self.topk[key] = _topk_merge(*self.topk[key], *other.topk[key], self.k)
+            self.nonfinite[key] += other.nonfinite[key]
+
+    def to_json(self) -> dict[str, Any]:
+        # float(np.float32) is exact in a double, and JSON writes doubles with round-trip repr.
+        topk = {
+            key: {"rows": [int(r) for r in rows], "scores": [float(s) for s in sc]}
+            for key, (rows, sc) in self.topk.items()
+        }
+        return {"topk": topk, "nonfinite": dict(self.nonfinite)}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any], keys: Sequence[str], k: int) -> _Tally:
+        topk = {
+            key: (np.asarray(v["rows"], np.int64), np.asarray(v["scores"], np.float32))
+            for key, v in obj["topk"].items()
+        }
+        if set(topk) != set(keys):
+            raise ValueError("a record of another query")
+        return cls(k, topk, {key: int(obj["nonfinite"][key]) for key in keys})
+
+
+# --------------------------------------------------------------------------- the resume journal
+
+
+class _Journal:
+    """The resume journal of a query in ``out``: ``query.json`` (what is scored) and one
+    progress record per process (next block and :class:`_Tally`), replaced atomically after
+    each committed block, so a killed query resumes from its last completed block."""
+
+    def __init__(self, out: str, process: int, processes: int):
+        self.out, self.process, self.processes = out, process, processes
+        self.record = os.path.join(out, "query.json")
+
+    def progress_path(self, process: int) -> str:
+        """A process's progress record (``progress.json`` when the query has one process)."""
+        if self.processes == 1:
+            return os.path.join(self.out, "progress.json")
+        return os.path.join(self.out, f"progress-{process:05d}.json")
+
+    def start(self, query: dict[str, Any], resume: bool) -> bool:
+        """Collective: whether the query starts afresh; process 0 decides and prepares ``out``.
+
+        Resumed when ``resume`` and ``out`` holds this very query; started afresh (``out``
+        emptied) when it holds no query yet, or ``resume`` is False.
+        """
+        code, own = 0, None
+        if self.process == 0:
+            try:
+                code = 1
+                if resume and os.path.exists(self.record):
+                    if _load_json(self.record, "a query record") != query:
+                        code = 2
+                        raise _output_error(code, self.out)
+                else:
+                    code = 0
+                    if os.path.isdir(self.out) and os.listdir(self.out):
+                        if not os.path.exists(self.record):
+                            code = 3
+                            raise _output_error(code, self.out)
+                        shutil.rmtree(self.out)
+                    os.makedirs(self.out, exist_ok=True)
+            except (StoreError, OSError) as e:
+                code = code if isinstance(e, StoreError) and code in (2, 3) else 4
+                own = e
+        if self.processes > 1:
+            code = int(all_gather_ints([code])[0, 0])
+        if own is not None:
+            raise own
+        if code > 1:
+            raise _output_error(code, self.out)
+        return code == 0
+
+    def write_record(self, query: dict[str, Any]) -> None:
+        _write_json_atomic(self.record, query)
+
+    def commit(self, next_block: int, tally: _Tally) -> None:
+        """This process's blocks before ``next_block`` are on disk, with this tally."""
+        record = {"next_block": next_block, **tally.to_json()}
+        _write_json_atomic(self.progress_path(self.process), record)
+
+    def read(
+        self, process: int, keys: Sequence[str], n_blocks: int, k: int, *, strict: bool = False
+    ) -> tuple[int, _Tally]:
+        """``(next block, tally)`` of a process's progress record.
+
+        A missing or unreadable record (an older jaxmon's, a process killed before its first
+        record) means "start this process's blocks over", which gives the same output; with
+        ``strict`` (the records of a finished query) it is a :class:`StoreError`.
+        """
+        path = self.progress_path(process)
+        try:
+            prog = _load_json(path, "a query's progress record")
+            start = int(prog["next_block"])
+            if not 0 <= start <= n_blocks:
+                raise ValueError("a record of another query")
+            return start, _Tally.from_json(prog, keys, k)
+        except (OSError, KeyError, TypeError, ValueError) as e:  # StoreError is a ValueError
+            if strict:
+                raise StoreError(
+                    _clip(f"the progress record {path} is unreadable: {one_line(e)}")
+                ) from e
+            return 0, _Tally.empty(keys, k)
+
+
+def _output_error(code: int, out: str) -> StoreError:
+    if code == 2:
+        return StoreError(
+            f"{out} holds a different query (store, estimator, blocks, devices or processes "
+            "differ); choose another output directory or pass resume=False"
+        )
+    if code == 3:
+        return StoreError(
+            f"out={out} is a directory that holds no jaxmon query; refusing to replace it: "
+            "choose a new or empty directory"
+        )
+    return StoreError(f"process 0 could not prepare the query output {out} (its error says why)")
 
 
 # --------------------------------------------------------------------------- results
@@ -796,51 +1117,232 @@ def load_result(directory: str | os.PathLike) -> QueryResult:
     return QueryResult(directory, int(summary["rows"]), list(summary["keys"]), summary)
 
 
+# --------------------------------------------------------------------------- score arrays
+
 _RAW = "\x00raw:"  # prefix of raw-score arrays in a query's array dict (not a key name)
 
 
 def _score_path(out: str, i: int, key: str, *, raw: bool = False) -> str:
-    import re
-
-    name = f"{i:03d}_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", key)[:80]
-    return os.path.join(out, "raw" if raw else "scores", name)
+    return os.path.join(out, "raw" if raw else "scores", _safe_name(i, key))
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    # os.replace is atomic for readers and survives a killed process; no fsync: like the
-    # tensorstore score writes it guards against process death, not power loss.
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+def _score_arrays(
+    out: str, keys: Sequence[str], n: int, b: int, *, create: bool, raw: bool = False
+) -> dict[str, ts.TensorStore]:
+    """The score arrays of a query: created (process 0 of a fresh query) or opened.
+
+    With ``raw`` (a calibrated query), the raw inner scores too, keyed ``_RAW + key``.
+    """
+    outs = {}
+    for kind, prefix in (("scores", ""), ("raw scores", _RAW)) if raw else (("scores", ""),):
+        for i, k in enumerate(keys):
+            # The writer's array layout (crc32c-checksummed chunks), in one place. Chunks are
+            # blocks, so processes scoring different blocks never write the same file.
+            path = _score_path(out, i, k, raw=bool(prefix))
+            spec = _zarr3_spec(path, (n,), "float32", (b,))
+            if not create:
+                spec = {"driver": "zarr3", "kvstore": spec["kvstore"]}
+            try:
+                outs[prefix + k] = ts.open(spec, open=not create).result()
+            except Exception as e:
+                raise StoreError(
+                    _clip(f"cannot open the {kind} of key {k!r} in {out}: {one_line(e, 120)}")
+                ) from e
+    return outs
 
 
-class _Progress:
-    """Rows/s on a terminal (stderr), silent in pipelines."""
+def _start_writes(
+    outs: dict[str, ts.TensorStore], blk: _Block, scores: dict, raw: dict | None
+) -> list[tuple[str, Any]]:
+    """Issues the writes of one block's scores (and raw scores) of every key."""
+    lo, valid = blk.start, blk.valid
+    writes = []
+    for k, s in scores.items():
+        writes.append((k, outs[k][lo : lo + valid].write(np.asarray(s[:valid], np.float32))))
+        if raw is not None:
+            rs = np.asarray(raw[k][:valid], np.float32)
+            writes.append((k, outs[_RAW + k][lo : lo + valid].write(rs)))
+    return writes
 
-    def __init__(self, total: int, enabled: bool | None):
-        self.total = total
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.t0 = time.perf_counter()
-        self.last = 0.0
 
-    def update(self, done: int, first: int) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if now - self.last < 0.2 and done < self.total:
-            return
-        self.last = now
-        rate = (done - first) / max(now - self.t0, 1e-9)
-        frac = done / max(self.total, 1)
-        bar = "#" * int(30 * frac)
-        sys.stderr.write(f"\r[{bar:<30}] {done}/{self.total} rows  {rate:,.0f} rows/s")
-        if done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+def _finish_writes(writes: list[tuple[str, Any]], out: str, blk: _Block) -> None:
+    """Waits for a block's writes: they are on disk, or a StoreError names the key and rows."""
+    for k, w in writes:
+        try:
+            w.result()
+        except Exception as e:
+            raise StoreError(
+                _clip(
+                    f"cannot write the scores of key {k!r}, rows {blk.start}-"
+                    f"{blk.start + blk.valid - 1}, to {out}: {one_line(e, 120)}"
+                )
+            ) from e
+
+
+# --------------------------------------------------------------------------- per-key statistics
+
+
+@dataclasses.dataclass
+class _KeyStats:
+    """Statistics of one key's scores, folded block by block in the summary pass.
+
+    Moments are over finite scores (one ``+inf`` row would make them meaningless); min and max
+    over every score but NaN; the exceedances of a calibrated key (``-log10 p``) at each FPR.
+    """
+
+    total: float = 0.0
+    total_sq: float = 0.0
+    finite: int = 0
+    nan: int = 0
+    low: float = np.inf
+    high: float = -np.inf
+    exceed: dict[float, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(FPRS, 0))
+
+    def add(self, s: np.ndarray, *, calibrated: bool) -> None:
+        fin = np.isfinite(s)
+        f = s if fin.all() else s[fin]
+        self.finite += len(f)
+        self.total += float(f.sum())
+        self.total_sq += float((f * f).sum())
+        nan = np.isnan(s)
+        self.nan += int(nan.sum())
+        num = s[~nan] if nan.any() else s
+        if len(num):
+            self.low = min(self.low, float(num.min()))
+            self.high = max(self.high, float(num.max()))
+        if calibrated:  # calibrated scores are -log10 p
+            for fpr in FPRS:
+                self.exceed[fpr] += int(np.sum(s >= -np.log10(fpr)))
+
+    def to_json(
+        self,
+        top: list[dict[str, Any]],
+        nonfinite: int,
+        *,
+        calibrated: bool,
+        thresholds: dict[str, float] | None,
+    ) -> dict[str, Any]:
+        m = max(self.finite, 1)
+        mean = self.total / m
+        info = {
+            "top": top,
+            "mean": mean,
+            "std": float(np.sqrt(max(self.total_sq / m - mean * mean, 0.0))),
+            "min": self.low,
+            "max": self.high,
+            "nonfinite": int(nonfinite),
+            "nan": self.nan,
+        }
+        if calibrated:
+            info["exceedances"] = {str(f): c for f, c in self.exceed.items()}
+            if thresholds:
+                info["raw_thresholds"] = thresholds
+        return info
+
+
+class _SequenceTable:
+    """Per-sequence aggregates (tokens, label, split, max and mean score per key), folded block
+    by block from the store's ``sequence_id``, ``label`` and ``split`` columns."""
+
+    def __init__(self, keys: Sequence[str]):
+        self.keys = list(keys)
+        self.parts: list[dict[str, np.ndarray]] = []
+
+    def add(self, store: Store, lo: int, hi: int, scores: Mapping[str, np.ndarray]) -> None:
+        seq = store.read_meta("sequence_id", lo, hi)
+        uniq, inv = np.unique(seq, return_inverse=True)
+        m = len(uniq)
+        rec = {"sequence_id": uniq, "tokens": np.bincount(inv, minlength=m).astype(np.int64)}
+        for col in ("label", "split"):
+            rec[col] = np.full(m, -1, np.int64)
+            np.maximum.at(rec[col], inv, store.read_meta(col, lo, hi).astype(np.int64))
+        for k, s in scores.items():
+            mx = np.full(m, -np.inf)
+            np.maximum.at(mx, inv, s)
+            rec[f"max/{k}"] = mx
+            rec[f"sum/{k}"] = np.bincount(inv, weights=s, minlength=m)
+        self.parts.append(rec)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """The table, one entry per sequence (empty when no block was added)."""
+        if not self.parts:
+            return {}
+        cat = lambda f: np.concatenate([p[f] for p in self.parts])
+        uniq, inv = np.unique(cat("sequence_id"), return_inverse=True)
+        m = len(uniq)
+        out = {"sequence_id": uniq}
+        out["tokens"] = np.bincount(inv, cat("tokens"), m).astype(np.int64)
+        for f in ("label", "split"):
+            out[f] = np.full(m, -1, np.int64)
+            np.maximum.at(out[f], inv, cat(f))
+        for k in self.keys:
+            mx = np.full(m, -np.inf)
+            np.maximum.at(mx, inv, cat(f"max/{k}"))
+            out[f"max/{k}"] = mx
+            out[f"mean/{k}"] = np.bincount(inv, cat(f"sum/{k}"), m) / np.maximum(out["tokens"], 1)
+        return out
+
+
+def _top_items(store: Store, rows: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
+    """The top-k rows of a key as summary entries (with sequence id and position if logged)."""
+    items = [{"row": int(r), "score": float(s)} for r, s in zip(rows, scores, strict=True)]
+    if "sequence_id" not in store.meta or not len(rows):
+        return items
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+
+    def col(c: str) -> np.ndarray:  # top-k rows are few: one point read per column
+        fail = lambda e: _read_error(
+            e, store.directory, f"row metadata {c!r}", store.meta[c], lo, hi
+        )
+        return _result(store.meta[c].vindex[rows].read(), fail).astype(np.int64)
+
+    for item, seq, pos in zip(items, col("sequence_id"), col("position"), strict=True):
+        item["sequence_id"], item["position"] = int(seq), int(pos)
+    return items
+
+
+def _thresholds(fitted) -> dict[str, dict[str, float]]:
+    """Raw-score thresholds at each FPR, per key, for a calibrated fitted value."""
+    out: dict[str, dict[str, float]] = {}
+    for fpr in FPRS:
+        th = threshold(fitted, fpr=fpr)
+        items = th.items() if isinstance(th, Mapping) else [(None, th)]
+        for k, v in items:
+            out.setdefault(k, {})[str(fpr)] = float(np.asarray(v))
+    if None in out:  # a single estimator: its only key is the tap (filled by the caller)
+        single = out.pop(None)
+        return {"*": single}
+    return out
 
 
 # --------------------------------------------------------------------------- the query
+
+
+@dataclasses.dataclass
+class _Run:
+    """One process's view of a query run: what it scores, where, and its share of blocks."""
+
+    store: Store
+    scoring: _Scoring
+    compiled: _Compiled
+    journal: _Journal
+    record: dict[str, Any]  # what query.json says
+    b: int
+    n_blocks: int
+
+    @property
+    def out(self) -> str:
+        return self.journal.out
+
+    @property
+    def keys(self) -> list[str]:
+        return self.compiled.keys
+
+    def blocks_of(self, process: int) -> list[int]:
+        return _assigned(self.n_blocks, process, self.journal.processes)
+
+    def rows_of(self, blocks: Sequence[int]) -> int:
+        return _block_rows_of(self.store.rows, self.b, blocks)
 
 
 def score_store(
@@ -882,7 +1384,8 @@ def score_store(
       top_k: how many of the most anomalous tokens to keep per key (non-finite rows, which
         score ``+inf``, come first).
       resume: continue an interrupted query in ``out`` (else start over).
-      progress: show a progress bar on stderr (default: only on a terminal).
+      progress: show a ``tqdm`` progress bar on stderr (default: only on a terminal, and only
+        on process 0).
       devices: this process's devices to split blocks over (default: ``jax.local_devices()``).
       callback: ``callback(rows_done, rows_total)`` after each committed block, counting the
         rows of this process's blocks.
@@ -904,455 +1407,300 @@ def score_store(
     """
     block_rows = _positive(block_rows, "block_rows", optional=True)
     top_k = _positive(top_k, "top_k")
-    process, processes = resolve_collective(collective)
+    resolve_collective(collective)  # refuses a bad value before any work
+    out = _output_dir(out)
+    store = _as_store(store)
+    scoring = _scoring_of(*_resolve(est_or_checkpoint, fitted), store, tap)
+    return _run_query(
+        store,
+        scoring,
+        out=out,
+        block_rows=block_rows,
+        top_k=top_k,
+        resume=resume,
+        progress=progress,
+        devices=devices,
+        callback=callback,
+        collective=collective,
+        desc="score_store",
+    )
+
+
+def _scoring_of(
+    est: Estimator, fitted: Any, info: dict[str, Any], store: Store, tap: str | None
+) -> _Scoring:
+    """What :func:`score_store` scores with an estimator: its score function, or for a
+    calibrated one the inner estimator's (the calibrated scores are looked up from them)."""
+    require_fitted(fitted, "score_store")
+    kind = kind_of(est)
+    score = est.score
+    if kind.calibrated:
+        if not isinstance(fitted, CalibratedFitted):
+            raise ConfigError(
+                f"score_store: {est.spec.name} is calibrated but its fitted value is a "
+                f"{type(fitted).__name__}; pass the fitted value of this estimator"
+            )
+        score = _inner_for(fitted.spec).score
+    taps = _taps_to_score(kind, fitted, store, tap)
+    return _Scoring(score, fitted, taps, kind.monitor, kind.calibrated, est.spec.to_dict(), info)
+
+
+def _output_dir(out: str | os.PathLike) -> str:
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise StoreError(f"out={out} is a file; score_store writes a directory there")
-    store = _as_store(store)
-    est, fitted, info = _resolve(est_or_checkpoint, fitted)
-    require_fitted(fitted, "score_store")
-    taps, monitor = _plan(est, fitted, store, tap)
-    mesh = _mesh(devices)
-    n_dev = mesh.devices.size
-    b = _block_rows(store, block_rows, n_dev)
-    n = store.rows
-    n_blocks = -(-n // b)
-    score_fn, row_sharding, rep = _scorer(est, monitor, taps, mesh, fitted)
-    fitted_dev = jax.device_put(fitted, rep)
+    return out
 
-    # Trace and compile once for the padded block shape; every block (the tail too) reuses it.
-    abstract = {
-        t: jax.ShapeDtypeStruct(
-            (b, int(store.taps[t].shape[1])),
-            store.taps[t].dtype.numpy_dtype,
-            sharding=row_sharding,
-        )
-        for t in taps
-    }
-    mask_abs = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=row_sharding)
-    lowered = score_fn.lower(fitted_dev, abstract, mask_abs)
-    keys = list(lowered.out_info[0])
-    score_fn = lowered.compile()
-    # The taps each key reads: its non-finite rows are those with a NaN/inf in any of them.
-    key_taps = {k: [t for t in _taps_of_key(k) if t in taps] or taps for k in keys}
-    if not monitor:
-        key_taps = {k: taps for k in keys}
-    calibrated = _is_calibrated(fitted)
-    query = {
-        "format": "jaxmon-query",
-        "store": store.directory,
-        "rows": n,
-        "block_rows": b,
-        "devices": n_dev,
-        "keys": keys,
-        "taps": taps,
-        "spec": est.spec.to_dict(),
-        "calibrated": calibrated,
-        "top_k": top_k,
-        **info,
-    }
-    if calibrated:  # the raw inner scores are kept too (scored once)
-        query["raw"] = True
-    if processes > 1:  # a one-process query keeps the record earlier versions wrote
-        query["processes"] = processes
-    qpath = os.path.join(out, "query.json")
-    fresh = _open_output(out, qpath, query, resume, process, processes)
-    mine = _assigned(n_blocks, process, processes)
-    ppath = _progress_path(out, process, processes)
-    empty_topk = {k: (np.zeros(0, np.int64), np.zeros(0, np.float32)) for k in keys}
-    topk, nonfinite = empty_topk, dict.fromkeys(keys, 0)
-    # Collectives below happen the same number of times on every process, errors or not: a
-    # process that failed keeps its error until the next agreement point, then all raise.
-    err: Exception | None = None
-    outs: dict[str, ts.TensorStore] | None = None
-    if fresh and process == 0:
-        try:
-            outs = _score_arrays(out, keys, n, b, create=True, raw=calibrated)
-            if processes > 1:
-                _write_json_atomic(qpath, query)
-        except Exception as e:
-            if processes == 1:
-                raise
-            err = e
-    if fresh and processes > 1:
-        # Process 0 created the arrays and the query record: only now may the others open
-        # them (two processes creating one zarr array collide on its metadata).
-        _agree(err, "while creating the output", processes)
+
+def _run_query(
+    store: Store,
+    scoring: _Scoring,
+    *,
+    out: str,
+    block_rows: int | None,
+    top_k: int,
+    resume: bool,
+    progress: bool | None,
+    devices: Sequence[Any] | None,
+    callback: Callable[[int, int], None] | None,
+    collective: bool | None,
+    desc: str,
+) -> QueryResult:
+    """The scoring pipeline: compile, open the journal and outputs, score, summarize.
+
+    Collectives happen the same number of times on every process, errors or not: a process
+    that failed keeps its error until the next agreement point (:func:`_agree`), then all raise.
+    """
+    process, processes = resolve_collective(collective)
+    mesh = _mesh(devices)
+    b = _block_rows(store, block_rows, mesh.devices.size)
+    compiled = _compile(scoring, store, mesh, b)
+    record = _query_record(store, scoring, compiled.keys, b, mesh.devices.size, top_k, processes)
+    journal = _Journal(out, process, processes)
+    run = _Run(store, scoring, compiled, journal, record, b, -(-store.rows // b))
+    fresh = journal.start(record, resume)
+    outs, err = _create_outputs(run, fresh), None
+    tally = _Tally.empty(run.keys, top_k)
     try:
         if outs is None:
-            outs = _score_arrays(out, keys, n, b, create=False, raw=calibrated)
-        start_block = 0
-        if not fresh:
-            start_block, topk, nonfinite = _read_progress(ppath, keys, n_blocks)
+            outs = _score_arrays(out, run.keys, store.rows, b, create=False, raw=scoring.calibrated)
+        start = 0
+        if fresh:
+            journal.commit(0, tally)
         else:
-            if processes == 1:
-                _write_json_atomic(qpath, query)
-            _write_json_atomic(ppath, _progress_json(0, topk, nonfinite))
-        todo = [i for i in mine if i >= start_block]
-        my_rows = _block_rows_of(n, b, mine)
-        done = _block_rows_of(n, b, [i for i in mine if i < start_block])
-        bar = _Progress(my_rows, progress)
-        first_done = done
-        for blk in _read_blocks(store, taps, b, todo):
-            lo, valid = blk.start, blk.valid
-            xs = {t: jax.device_put(x, row_sharding) for t, x in blk.taps.items()}
-            mask = jax.device_put(blk.mask(), row_sharding)
-            scores, finite, raw = jax.device_get(score_fn(fitted_dev, xs, mask))
-            bad = {t: ~np.asarray(finite[t][:valid]) for t in taps}
-            writes = []
-            for k in keys:
-                sc = np.asarray(scores[k][:valid], np.float32)
-                writes.append((k, outs[k][lo : lo + valid].write(sc)))
-                if raw is not None:
-                    rs = np.asarray(raw[k][:valid], np.float32)
-                    writes.append((k, outs[_RAW + k][lo : lo + valid].write(rs)))
-                idx = _block_topk(sc, top_k)
-                topk[k] = _topk_merge(*topk[k], lo + idx.astype(np.int64), sc[idx], top_k)
-                nonfinite[k] += int(np.logical_or.reduce([bad[t] for t in key_taps[k]]).sum())
-            for k, w in writes:
-                try:
-                    w.result()
-                except Exception as e:
-                    raise StoreError(
-                        _clip(
-                            f"cannot write the scores of key {k!r}, rows {lo}-{lo + valid - 1}, "
-                            f"to {out}: {one_line(e, 120)}"
-                        )
-                    ) from e
-            # The block's scores are on disk: only now does the progress record move past it.
-            nxt = next((i for i in mine if i > blk.index), n_blocks)
-            _write_json_atomic(ppath, _progress_json(nxt, topk, nonfinite))
-            done += valid
-            bar.update(done, first_done)
-            if callback is not None:
-                callback(done, my_rows)
+            start, tally = journal.read(process, run.keys, run.n_blocks, top_k)
+        _score_blocks(run, outs, tally, start, progress=progress, callback=callback, desc=desc)
     except Exception as e:
         if processes == 1:
             raise
         err = e
-    per_process = [
-        {"process": i, "rows": _block_rows_of(n, b, _assigned(n_blocks, i, processes))}
-        for i in range(processes)
-    ]
-    if processes == 1:
-        summary = _summarize(
-            store, out, keys, outs, topk, b, fitted, calibrated, query, nonfinite, per_process
-        )
-        return QueryResult(out, n, keys, summary)
-    # Every block of every process is on disk (or one failed: then every process raises).
-    _agree(err, "while scoring its blocks", processes)
-    err = None
-    if process == 0:
+    return _finish_query(run, outs, tally, err)
+
+
+def _query_record(
+    store: Store,
+    scoring: _Scoring,
+    keys: list[str],
+    b: int,
+    n_dev: int,
+    top_k: int,
+    processes: int,
+) -> dict[str, Any]:
+    """What ``query.json`` says: a query resumes only into a directory holding this record."""
+    record = {
+        "format": "jaxmon-query",
+        "store": store.directory,
+        "rows": store.rows,
+        "block_rows": b,
+        "devices": n_dev,
+        "keys": keys,
+        "taps": scoring.taps,
+        "spec": scoring.spec,
+        "calibrated": scoring.calibrated,
+        "top_k": top_k,
+        **scoring.info,
+    }
+    if scoring.calibrated:  # the raw inner scores are kept too (scored once)
+        record["raw"] = True
+    if processes > 1:  # a one-process query keeps the record earlier versions wrote
+        record["processes"] = processes
+    return record
+
+
+def _create_outputs(run: _Run, fresh: bool) -> dict[str, ts.TensorStore] | None:
+    """Collective: process 0 of a fresh query creates the score arrays, then ``query.json``.
+
+    Only after that barrier may the others open them (two processes creating one zarr array
+    collide on its metadata). Returns the arrays where they were created, else None.
+    """
+    outs, err = None, None
+    journal = run.journal
+    if fresh and journal.process == 0:
         try:
-            for i in range(1, processes):
-                _, other, counts = _read_progress(
-                    _progress_path(out, i, processes), keys, n_blocks, strict=True
-                )
-                topk = {k: _topk_merge(*topk[k], *other[k], top_k) for k in keys}
-                nonfinite = {k: nonfinite[k] + counts[k] for k in keys}
-            _summarize(
-                store, out, keys, outs, topk, b, fitted, calibrated, query, nonfinite, per_process
-            )
+            raw = run.scoring.calibrated
+            outs = _score_arrays(run.out, run.keys, run.store.rows, run.b, create=True, raw=raw)
+            journal.write_record(run.record)
         except Exception as e:
+            if journal.processes == 1:
+                raise
             err = e
-    _agree(err, "while writing the summary", processes)  # summary.json is on disk
-    return load_result(out)
-
-
-def _agree(err: Exception | None, what: str, processes: int) -> None:
-    """Collective: every process learns whether any failed, and then all of them raise.
-
-    The process that failed raises its own error; the others a :class:`StoreError` naming it.
-    Also the barrier between the steps of a multi-process query or fit.
-    """
-    if processes == 1:
-        if err is not None:
-            raise err
-        return
-    got = all_gather_ints([0 if err is None else 1])
-    if err is not None:
-        raise err
-    failed = [i for i in range(got.shape[0]) if got[i, 0]]
-    if failed:
-        raise StoreError(
-            f"process {failed[0]} of {processes} failed {what} (its own error says why); the "
-            "blocks committed so far are kept: run the same call again to resume"
-        )
-
-
-def _progress_path(out: str, process: int, processes: int) -> str:
-    """This process's progress record (``progress.json`` when the query has one process)."""
-    if processes == 1:
-        return os.path.join(out, "progress.json")
-    return os.path.join(out, f"progress-{process:05d}.json")
-
-
-def _open_output(
-    out: str, qpath: str, query: dict[str, Any], resume: bool, process: int, processes: int
-) -> bool:
-    """Collective: whether the query starts afresh; process 0 decides and prepares ``out``.
-
-    Resumed when ``resume`` and ``out`` holds this very query; started afresh (``out`` emptied)
-    when it holds no query yet, or ``resume`` is False.
-    """
-    code, own = 0, None
-    if process == 0:
-        try:
-            code = 1
-            if resume and os.path.exists(qpath):
-                if _load_json(qpath, "a query record") != query:
-                    code = 2
-                    raise _output_error(code, out)
-            else:
-                code = 0
-                if os.path.isdir(out) and os.listdir(out):
-                    if not os.path.exists(qpath):
-                        code = 3
-                        raise _output_error(code, out)
-                    shutil.rmtree(out)
-                os.makedirs(out, exist_ok=True)
-        except (StoreError, OSError) as e:
-            code = code if isinstance(e, StoreError) and code in (2, 3) else 4
-            own = e
-    if processes > 1:
-        code = int(all_gather_ints([code])[0, 0])
-    if own is not None:
-        raise own
-    if code > 1:
-        raise _output_error(code, out)
-    return code == 0
-
-
-def _output_error(code: int, out: str) -> StoreError:
-    if code == 2:
-        return StoreError(
-            f"{out} holds a different query (store, estimator, blocks, devices or processes "
-            "differ); choose another output directory or pass resume=False"
-        )
-    if code == 3:
-        return StoreError(
-            f"out={out} is a directory that holds no jaxmon query; refusing to replace it: "
-            "choose a new or empty directory"
-        )
-    return StoreError(f"process 0 could not prepare the query output {out} (its error says why)")
-
-
-def _score_arrays(
-    out: str, keys: Sequence[str], n: int, b: int, *, create: bool, raw: bool = False
-) -> dict[str, ts.TensorStore]:
-    """The score arrays of a query: created (process 0 of a fresh query) or opened.
-
-    With ``raw`` (a calibrated query), the raw inner scores too, keyed ``_RAW + key``.
-    """
-    outs = {}
-    for kind, prefix in (("scores", ""), ("raw scores", _RAW)) if raw else (("scores", ""),):
-        for i, k in enumerate(keys):
-            # The writer's array layout (crc32c-checksummed chunks), in one place. Chunks are
-            # blocks, so processes scoring different blocks never write the same file.
-            path = _score_path(out, i, k, raw=bool(prefix))
-            spec = _zarr3_spec(path, (n,), "float32", (b,))
-            if not create:
-                spec = {"driver": "zarr3", "kvstore": spec["kvstore"]}
-            try:
-                outs[prefix + k] = ts.open(spec, open=not create).result()
-            except Exception as e:
-                raise StoreError(
-                    _clip(f"cannot open the {kind} of key {k!r} in {out}: {one_line(e, 120)}")
-                ) from e
+    if fresh and journal.processes > 1:
+        _agree(err, "while creating the output", journal.processes)
     return outs
 
 
-def _read_progress(
-    path: str, keys: Sequence[str], n_blocks: int, *, strict: bool = False
-) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]], dict[str, int]]:
-    """``(next block, top-k, non-finite counts)`` of a progress record.
+def _score_blocks(
+    run: _Run,
+    outs: dict[str, ts.TensorStore],
+    tally: _Tally,
+    start_block: int,
+    *,
+    progress: bool | None,
+    callback: Callable[[int, int], None] | None,
+    desc: str,
+) -> None:
+    """Scores this process's blocks from ``start_block``, committing each to the journal."""
+    mine = run.blocks_of(run.journal.process)
+    my_rows = run.rows_of(mine)
+    done = run.rows_of([i for i in mine if i < start_block])
+    todo = [i for i in mine if i >= start_block]
+    taps, key_taps = run.scoring.taps, run.compiled.key_taps
+    with _bar(my_rows, initial=done, progress=progress, desc=desc) as bar:
+        for blk in _read_blocks(run.store, taps, run.b, todo):
+            scores, finite, raw = run.compiled(blk)
+            writes = _start_writes(outs, blk, scores, raw)
+            bad = {t: ~np.asarray(finite[t][: blk.valid]) for t in taps}
+            for k in run.keys:  # while the writes are in flight
+                nonfinite = np.logical_or.reduce([bad[t] for t in key_taps[k]]).sum()
+                sc = np.asarray(scores[k][: blk.valid], np.float32)
+                tally.add(k, blk.start, sc, nonfinite)
+            _finish_writes(writes, run.out, blk)
+            # The block's scores are on disk: only now does the progress record move past it.
+            run.journal.commit(next((i for i in mine if i > blk.index), run.n_blocks), tally)
+            done += blk.valid
+            bar.update(blk.valid)
+            if callback is not None:
+                callback(done, my_rows)
 
-    A missing or unreadable record (an older jaxmon's, a process killed before its first
-    record) means "start this process's blocks over", which gives the same output; with
-    ``strict`` (the records of a finished query) it is a :class:`StoreError`.
-    """
-    try:
-        prog = _load_json(path, "a query's progress record")
-        start = int(prog["next_block"])
-        topk = {
-            k: (np.asarray(v["rows"], np.int64), np.asarray(v["scores"], np.float32))
-            for k, v in prog["topk"].items()
-        }
-        nonfinite = {k: int(prog["nonfinite"][k]) for k in keys}
-        if not 0 <= start <= n_blocks or set(topk) != set(keys):
-            raise ValueError("a record of another query")
-        return start, topk, nonfinite
-    except (OSError, KeyError, TypeError, ValueError) as e:  # StoreError is a ValueError
-        if strict:
-            raise StoreError(
-                _clip(f"the progress record {path} is unreadable: {one_line(e)}")
-            ) from e
-        empty = {k: (np.zeros(0, np.int64), np.zeros(0, np.float32)) for k in keys}
-        return 0, empty, dict.fromkeys(keys, 0)
 
-
-def _progress_json(next_block: int, topk, nonfinite: dict[str, int]) -> dict[str, Any]:
-    return {"next_block": next_block, "topk": _topk_json(topk), "nonfinite": dict(nonfinite)}
-
-
-def _topk_json(topk) -> dict[str, Any]:
-    # float(np.float32) is exact in a double, and JSON writes doubles with round-trip repr.
-    return {
-        k: {"rows": [int(r) for r in rows], "scores": [float(s) for s in sc]}
-        for k, (rows, sc) in topk.items()
-    }
+def _finish_query(
+    run: _Run, outs: dict[str, ts.TensorStore] | None, tally: _Tally, err: Exception | None
+) -> QueryResult:
+    """Collective: merges every process's tally and writes the summary (process 0)."""
+    processes = run.journal.processes
+    per_process = [{"process": i, "rows": run.rows_of(run.blocks_of(i))} for i in range(processes)]
+    if processes == 1:
+        assert outs is not None
+        summary = _summarize(run, outs, tally, per_process)
+        return QueryResult(run.out, run.store.rows, run.keys, summary)
+    # Every block of every process is on disk (or one failed: then every process raises).
+    _agree(err, "while scoring its blocks", processes)
+    err = None
+    if run.journal.process == 0:
+        try:
+            for i in range(1, processes):
+                _, other = run.journal.read(i, run.keys, run.n_blocks, tally.k, strict=True)
+                tally.merge(other)
+            assert outs is not None
+            _summarize(run, outs, tally, per_process)
+        except Exception as e:
+            err = e
+    _agree(err, "while writing the summary", processes)  # summary.json is on disk
+    return load_result(run.out)
 
 
 def _summarize(
-    store, out, keys, outs, topk, b, fitted, calibrated, query, nonfinite, processes
+    run: _Run, outs: dict[str, ts.TensorStore], tally: _Tally, processes: list[dict[str, int]]
 ) -> dict[str, Any]:
     """Second, cheap pass over the written scores: per-sequence aggregates and statistics."""
-    n = store.rows
-    per_key = {
-        k: {
-            "sum": 0.0,
-            "sumsq": 0.0,
-            "finite": 0,
-            "nan": 0,
-            "min": np.inf,
-            "max": -np.inf,
-            "exceed": dict.fromkeys(FPRS, 0),
-        }
-        for k in keys
-    }
-    parts = []
-    has_meta = "sequence_id" in store.meta
+    store, keys, out = run.store, run.keys, run.out
+    calibrated = run.scoring.calibrated
+    stats = {k: _KeyStats() for k in keys}
+    table = _SequenceTable(keys)
 
     def read_scores(k: str, lo: int, hi: int) -> np.ndarray:
         fail = lambda e: _read_error(e, out, f"scores of key {k!r}", outs[k], lo, hi)
         return _result(outs[k][lo:hi].read(), fail).astype(np.float64)
 
-    for lo in range(0, n, b):
-        hi = min(n, lo + b)
+    for lo in range(0, store.rows, run.b):
+        hi = min(store.rows, lo + run.b)
         blk = {k: read_scores(k, lo, hi) for k in keys}
         for k, s in blk.items():
-            st = per_key[k]
-            # Moments over finite scores (one +inf row would make them meaningless); the
-            # non-finite rows are counted apart.
-            fin = np.isfinite(s)
-            f = s if fin.all() else s[fin]
-            st["finite"] += len(f)
-            st["sum"] += float(f.sum())
-            st["sumsq"] += float((f * f).sum())
-            nan = np.isnan(s)
-            st["nan"] += int(nan.sum())
-            num = s[~nan] if st["nan"] else s
-            if len(num):
-                st["min"] = min(st["min"], float(num.min()))
-                st["max"] = max(st["max"], float(num.max()))
-            if calibrated:  # calibrated scores are -log10 p
-                for fpr in FPRS:
-                    st["exceed"][fpr] += int(np.sum(s >= -np.log10(fpr)))
-        if has_meta:
-            seq = store.read_meta("sequence_id", lo, hi)
-            lab = store.read_meta("label", lo, hi).astype(np.int64)
-            spl = store.read_meta("split", lo, hi).astype(np.int64)
-            uniq, inv = np.unique(seq, return_inverse=True)
-            m = len(uniq)
-            rec = {"sequence_id": uniq, "tokens": np.bincount(inv, minlength=m).astype(np.int64)}
-            rec["label"] = np.full(m, -1, np.int64)
-            np.maximum.at(rec["label"], inv, lab)
-            rec["split"] = np.full(m, -1, np.int64)
-            np.maximum.at(rec["split"], inv, spl)
-            for k, s in blk.items():
-                mx = np.full(m, -np.inf)
-                np.maximum.at(mx, inv, s)
-                rec[f"max/{k}"] = mx
-                rec[f"sum/{k}"] = np.bincount(inv, weights=s, minlength=m)
-            parts.append(rec)
-    seqs: dict[str, np.ndarray] = {}
-    if parts:
-        ids = np.concatenate([p["sequence_id"] for p in parts])
-        uniq, inv = np.unique(ids, return_inverse=True)
-        m = len(uniq)
-        seqs["sequence_id"] = uniq
-        seqs["tokens"] = np.bincount(inv, np.concatenate([p["tokens"] for p in parts]), m)
-        seqs["tokens"] = seqs["tokens"].astype(np.int64)
-        for f in ("label", "split"):
-            v = np.full(m, -1, np.int64)
-            np.maximum.at(v, inv, np.concatenate([p[f] for p in parts]))
-            seqs[f] = v
-        for k in keys:
-            mx = np.full(m, -np.inf)
-            np.maximum.at(mx, inv, np.concatenate([p[f"max/{k}"] for p in parts]))
-            seqs[f"max/{k}"] = mx
-            total = np.bincount(inv, np.concatenate([p[f"sum/{k}"] for p in parts]), m)
-            seqs[f"mean/{k}"] = total / np.maximum(seqs["tokens"], 1)
+            stats[k].add(s, calibrated=calibrated)
+        if "sequence_id" in store.meta:
+            table.add(store, lo, hi, blk)
+    seqs = table.finish()
+    if seqs:
         np.savez(os.path.join(out, "sequences.npz"), **seqs)
     summary: dict[str, Any] = {
-        "rows": n,
+        "rows": store.rows,
         "keys": {},
         "sequences": len(seqs.get("sequence_id", [])),
         "calibrated": calibrated,
         "store": store.directory,
         "splits": store.splits,
-        "block_rows": b,
-        "spec": query["spec"],
+        "block_rows": run.b,
+        "spec": run.record["spec"],
         "processes": processes,
-        "raw": bool(query.get("raw", False)),
+        "raw": bool(run.record.get("raw", False)),
     }
-    thresholds = _thresholds(fitted) if calibrated else {}
+    thresholds = _thresholds(run.scoring.fitted) if calibrated else {}
     for k in keys:
-        st = per_key[k]
-        rows, sc = topk[k]
-        top = []
-        if has_meta and len(rows):
-            # Top-k rows are few: one point read per column.
-            lo, hi = int(rows.min()), int(rows.max()) + 1
-            col = lambda c: _result(
-                store.meta[c].vindex[rows].read(),
-                lambda e: _read_error(
-                    e, store.directory, f"row metadata {c!r}", store.meta[c], lo, hi
-                ),
-            ).astype(np.int64)
-            seq, pos = col("sequence_id"), col("position")
-        for j in range(len(rows)):
-            item = {"row": int(rows[j]), "score": float(sc[j])}
-            if has_meta:
-                item["sequence_id"], item["position"] = int(seq[j]), int(pos[j])
-            top.append(item)
-        m = max(st["finite"], 1)
-        mean = st["sum"] / m
-        info = {
-            "top": top,
-            "mean": mean,
-            "std": float(np.sqrt(max(st["sumsq"] / m - mean * mean, 0.0))),
-            "min": st["min"],
-            "max": st["max"],
-            "nonfinite": int(nonfinite[k]),
-            "nan": st["nan"],
-        }
-        if calibrated:
-            info["exceedances"] = {str(f): c for f, c in st["exceed"].items()}
-            if thresholds.get(k, thresholds.get("*")):
-                info["raw_thresholds"] = thresholds.get(k, thresholds.get("*"))
-        summary["keys"][k] = info
+        top = _top_items(store, *tally.topk[k])
+        th = thresholds.get(k, thresholds.get("*"))
+        summary["keys"][k] = stats[k].to_json(
+            top, tally.nonfinite[k], calibrated=calibrated, thresholds=th
+        )
     _write_json_atomic(os.path.join(out, "summary.json"), summary)
     return summary
 
 
-def _thresholds(fitted) -> dict[str, dict[str, float]]:
-    """Raw-score thresholds at each FPR, per key, for a calibrated fitted value."""
-    from jaxmon._calibration import threshold
-
-    out: dict[str, dict[str, float]] = {}
-    for fpr in FPRS:
-        th = threshold(fitted, fpr=fpr)
-        items = th.items() if isinstance(th, Mapping) else [(None, th)]
-        for k, v in items:
-            out.setdefault(k, {})[str(fpr)] = float(np.asarray(v))
-    if None in out:  # a single estimator: its only key is the tap (filled by the caller)
-        single = out.pop(None)
-        return {"*": single}
-    return out
-
-
 # --------------------------------------------------------------------------- fitting
+
+
+@dataclasses.dataclass(frozen=True)
+class _FitPlan:
+    """What a fit over a store reads and how (see :func:`_fit_plan`)."""
+
+    taps: list[str]
+    monitor: bool
+    example: Any  # the init example of one row
+    split_code: int | None  # only rows of this split (an index into store.splits)
+    relabel: Callable[[np.ndarray], np.ndarray] | None  # stored labels -> row labels
+    mesh: jax.sharding.Mesh
+    b: int
+
+    @property
+    def meta(self) -> tuple[str, ...]:
+        """The row-metadata columns each block needs."""
+        split = () if self.split_code is None else ("split",)
+        return split + (() if self.relabel is None else ("label",))
+
+
+def _fit_plan(
+    store: Store,
+    est: Estimator,
+    *,
+    tap: str | None,
+    split: str | None,
+    block_rows: int | None,
+    monitor: bool | None,
+    labels: bool | Mapping[int, int] | None,
+    devices: Sequence[Any] | None,
+) -> _FitPlan:
+    if monitor is None:
+        monitor = kind_of(est).monitor
+    taps = list(store.taps) if monitor else [_single_tap(store, tap, "to fit")]
+    code = None
+    if split is not None:
+        if split not in store.splits:
+            raise StoreError(f"the store has no split {split!r} (splits: {store.splits})")
+        code = store.splits.index(split)
+    relabel = _relabel(labels if labels is not None else est.spec.supervised)
+    # Estimators whose merge is not exact (learned densities) fold every block on one device.
+    mesh = _mesh(devices if est.spec.mergeable else list(devices or jax.local_devices())[:1])
+    b = _block_rows(store, block_rows, mesh.devices.size)
+    return _FitPlan(taps, monitor, _store_example(store, taps, monitor), code, relabel, mesh, b)
 
 
 def fit_store(
@@ -1365,6 +1713,7 @@ def fit_store(
     block_rows: int | None = None,
     monitor: bool | None = None,
     labels: bool | Mapping[int, int] | None = None,
+    progress: bool | None = None,
     devices: Sequence[Any] | None = None,
     collective: bool | None = None,
 ) -> tuple[Any, Any]:
@@ -1389,12 +1738,14 @@ def fit_store(
       split: only rows of this split (e.g. ``"trusted"``).
       block_rows: rows per block (chunk aligned, a multiple of the device count; the tail is
         masked so it compiles once).
-      monitor: whether ``est`` takes a dict of taps (default: when its spec is a monitor's).
+      monitor: whether ``est`` takes a dict of taps (default: when it is a monitor, or a
+        wrapper of one such as ``calibrated``).
       labels: the store's ``label`` column as row labels (0 = trusted, 1 = flagged, anything
         else = unknown): ``True``, or a mapping of stored values to labels (unmapped values are
         unknown, e.g. ``{0: 0, 2: 1}`` fits a probe of stored label 2 against label 0). Default
         (``None``): used when ``est`` learns from labels (``spec.supervised``), not otherwise.
         Unsupervised estimators (and a monitor's unsupervised keys) fold only label-0 rows.
+      progress: show a ``tqdm`` progress bar on stderr (default: only on a terminal).
       devices: this process's devices to split blocks over (default: ``jax.local_devices()``).
       collective: ``None`` (default): every process of a ``jax.distributed`` job takes part;
         ``False``: this process folds the whole store alone.
@@ -1408,88 +1759,55 @@ def fit_store(
         several processes, on every process when one of them failed.
       ConfigError: ``block_rows`` < 1, no devices, or ``est`` is not an estimator.
     """
+    kw = {"tap": tap, "split": split, "block_rows": block_rows, "monitor": monitor}
+    kw.update(labels=labels, progress=progress, devices=devices, collective=collective)
+    return _fit_store(store, est, state, desc="fit_store", **kw)
+
+
+def _fit_store(
+    store: Store | str | os.PathLike,
+    est: Estimator,
+    state: Any,
+    *,
+    desc: str,
+    progress: bool | None,
+    collective: bool | None,
+    block_rows: int | None,
+    **plan: Any,
+) -> tuple[Any, Any]:
+    """:func:`fit_store` with its progress bar named ``desc``."""
     block_rows = _positive(block_rows, "block_rows", optional=True)
-    if not isinstance(est, Estimator):
-        raise ConfigError(
-            f"fit_store: expected a jaxmon Estimator (e.g. jaxmon.gaussian()), got "
-            f"{type(est).__name__}"
-        )
+    _require_estimator(est, "fit_store")
     process, processes = resolve_collective(collective)
     store = _as_store(store)
-    if monitor is None:
-        monitor = est.spec.name == "monitor" or (
-            est.spec.name == "calibrated" and "monitor" in json.dumps(est.spec.to_dict())
-        )
-    if monitor:
-        taps = list(store.taps)
-    else:
-        if tap is None:
-            if len(store.taps) != 1:
-                raise StoreError(
-                    f"the store holds taps {sorted(store.taps)}; say which one to fit with tap="
-                )
-            tap = next(iter(store.taps))
-        if tap not in store.taps:
-            raise StoreError(f"the store has no tap {tap!r} (taps: {sorted(store.taps)})")
-        taps = [tap]
-    code = None
-    if split is not None:
-        if split not in store.splits:
-            raise StoreError(f"the store has no split {split!r} (splits: {store.splits})")
-        code = store.splits.index(split)
-    relabel = _relabel(labels if labels is not None else est.spec.supervised)
-    exact = bool(est.spec.mergeable)
-    mesh = _mesh(devices if exact else list(devices or jax.local_devices())[:1])
-    b = _block_rows(store, block_rows, mesh.devices.size)
-    example = {
-        t: jax.ShapeDtypeStruct((int(store.taps[t].shape[1]),), store.taps[t].dtype.numpy_dtype)
-        for t in taps
-    }
-    if not monitor:
-        example = example[taps[0]]
-    n_blocks = -(-store.rows // b)
-    split_work = exact and processes > 1
+    fit = _fit_plan(store, est, block_rows=block_rows, **plan)
+    n_blocks = -(-store.rows // fit.b)
+    split_work = est.spec.mergeable and processes > 1
     blocks = _assigned(n_blocks, process, processes) if split_work else list(range(n_blocks))
+    continues = process == 0 or not split_work
     err, local = None, None
     try:
-        local = _fold_blocks(
-            est,
-            store,
-            taps,
-            monitor,
-            b,
-            blocks,
-            mesh,
-            state,
-            example,
-            code,
-            continues=process == 0 or not split_work,
-            relabel=relabel,
-        )
+        with _bar(_block_rows_of(store.rows, fit.b, blocks), progress=progress, desc=desc) as bar:
+            local = _fold_blocks(est, store, fit, blocks, state, continues=continues, bar=bar)
     except Exception as e:
         if not split_work:
             raise
         err = e
     if not split_work:
-        return local, example
+        return local, fit.example
     _agree(err, "while fitting its blocks", processes)
-    return _merge_processes(est, local, mesh.devices.flat[0]), example
+    return _merge_processes(est, local, fit.mesh.devices.flat[0]), fit.example
 
 
 def _fold_blocks(
     est: Estimator,
     store: Store,
-    taps: list[str],
-    monitor: bool,
-    b: int,
+    fit: _FitPlan,
     blocks: Sequence[int],
-    mesh: jax.sharding.Mesh,
     state: Any,
-    example: Any,
-    split_code: int | None,
     *,
     continues: bool,
-    relabel: Callable[[np.ndarray], np.ndarray] | None = None,
+    bar: tqdm,
 ) -> Any:
     """This process's blocks folded into one state of ``est`` (replicas merged).
 
@@ -1498,18 +1816,18 @@ def _fold_blocks(
     """
     from jaxmon.sharding import merge_replicas, shard_local
 
-    start = est.init(example) if state is None else state
-    blank = _identity_like(est, start, example) if (state is not None) else start
+    start = est.init(fit.example) if state is None else state
+    blank = _identity_like(est, start, fit.example) if (state is not None) else start
     first = start if continues else blank
-    devs = list(mesh.devices.flat)
+    devs = list(fit.mesh.devices.flat)
     if len(devs) == 1:
         folder, acc = est, first
         put = lambda x: jax.device_put(x, devs[0])
     else:
-        folder = shard_local(est, mesh, "data")
-        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        folder = shard_local(est, fit.mesh, "data")
+        rows = jax.sharding.NamedSharding(fit.mesh, jax.sharding.PartitionSpec("data"))
         if state is None:
-            acc = folder.init(example)
+            acc = folder.init(fit.example)
         else:
             acc = jax.tree.map(
                 lambda f, z: np.stack([np.asarray(f)] + [np.asarray(z)] * (len(devs) - 1)),
@@ -1518,20 +1836,20 @@ def _fold_blocks(
             )
             acc = jax.device_put(acc, rows)
         put = lambda x: jax.device_put(x, rows)
-    meta = (() if split_code is None else ("split",)) + (() if relabel is None else ("label",))
-    for blk in _read_blocks(store, taps, b, blocks, meta=meta):
+    for blk in _read_blocks(store, fit.taps, fit.b, blocks, meta=fit.meta):
         mask = blk.mask()
-        if split_code is not None:
-            mask &= blk.meta["split"] == split_code
+        if fit.split_code is not None:
+            mask &= blk.meta["split"] == fit.split_code
         xs = {t: put(x) for t, x in blk.taps.items()}
-        lab = None if relabel is None else put(relabel(blk.meta["label"]))
+        lab = None if fit.relabel is None else put(fit.relabel(blk.meta["label"]))
         # The one update call of a fit over a store: labels for supervised estimators, a mask
         # of trusted rows for the others (label_kwargs).
         kw = label_kwargs(folder, put(mask), lab)
-        acc = folder.update(acc, xs if monitor else xs[taps[0]], **kw)
+        acc = folder.update(acc, xs if fit.monitor else xs[fit.taps[0]], **kw)
         if len(devs) > 1:
             # Many forced CPU devices on few cores deadlock when many steps are in flight.
             jax.block_until_ready(acc)
+        bar.update(blk.valid)
     if len(devs) > 1:
         acc = jax.device_put(merge_replicas(folder, acc), devs[0])
     return acc
@@ -1568,8 +1886,6 @@ def _identity_like(est: Estimator, state: Any, example: Any) -> Any:
     fold into the score sketches of the stored fitted value, so the identity is ``state`` with
     empty sketches (its merge keeps one inner state and adds the sketches).
     """
-    from jaxmon._calibration import CalibratedState
-
     fresh = est.init(example)
     if isinstance(state, CalibratedState) and int(jax.device_get(state.phase)) == 1:
         return state._replace(scores=fresh.scores)
@@ -1588,20 +1904,150 @@ def _merge_processes(est: Estimator, local: Any, device: Any) -> Any:
     return jax.block_until_ready(merged)
 
 
-def _batch_detector(method: str, alpha: float, num_directions: int) -> Estimator:
-    """A scoring-only adapter: ``score((trusted, query_moments), x)`` is the batch detector.
+# --------------------------------------------------------------------------- calibration
 
-    Batch detectors are not estimators (their scores depend on the query set), so this adapter
-    exists only to run :func:`score_store`'s streaming scorer; its other functions refuse.
+
+class Calibration(NamedTuple):
+    """What :func:`calibrate_store` returns: all a checkpoint of the calibrated estimator needs.
+
+    Attributes:
+      estimator: the calibrated estimator (``jaxmon.calibrated(...)``).
+      state: its state after the held-out pass (a ``CalibratedState`` in phase 1).
+      fitted: ``estimator.finalize(state)``: a ``CalibratedFitted``, ready for
+        :func:`jaxmon.p_values`, :func:`jaxmon.threshold` and :func:`score_store`.
+      example: the ``init`` example (for ``jaxmon.checkpoint.save``).
     """
-    from jaxmon._base import EstimatorSpec
-    from jaxmon.estimators.batch_detectors import que_scores, spectral_signature_scores
 
-    def refuse(*_, **__):
-        raise TypeError(
-            "batch detectors only score; fit their statistics with fit_store (see "
-            "jaxmon.query.score_store_batch)"
+    estimator: Estimator
+    state: Any
+    fitted: Any
+    example: Any
+
+
+def calibrate_store(
+    store: Store | str | os.PathLike,
+    est_or_checkpoint: Any,
+    state: Any = None,
+    *,
+    fit_split: str | None = None,
+    calibration_store: Store | str | os.PathLike | None = None,
+    calibration_split: str | None = None,
+    tap: str | None = None,
+    block_rows: int | None = None,
+    labels: bool | Mapping[int, int] | None = None,
+    progress: bool | None = None,
+    devices: Sequence[Any] | None = None,
+    collective: bool | None = None,
+) -> Calibration:
+    """Calibrates an estimator on a store: fit, :func:`jaxmon.begin_calibration`, held out.
+
+    The two passes of :func:`jaxmon.calibrated`, each a :func:`fit_store` over a store:
+
+    1. **fit**: the rows of ``fit_split`` of ``store`` fold into the inner estimator. Skipped
+       when the estimator is fitted already: a :class:`jaxmon.checkpoint.Checkpoint` (or its
+       directory), or an estimator given with its ``state``. The fitted state of an
+       uncalibrated estimator becomes the inner state of ``jaxmon.calibrated(estimator)``.
+    2. **held out**: :func:`jaxmon.begin_calibration` finalizes the inner state, then the rows
+       of ``calibration_split`` of ``calibration_store`` (default: ``store``) fold into one
+       score sketch per key; the result is finalized.
+
+    An estimator made by :func:`jaxmon.calibrated` is used as it is (a calibrated checkpoint is
+    calibrated again, from its inner state); any other is wrapped with ``calibrated`` (default
+    ``relative_accuracy``).
+
+    Args:
+      store: the store to fit on, and to calibrate on unless ``calibration_store`` is given.
+      est_or_checkpoint: an :class:`~jaxmon.Estimator`, a Checkpoint or a checkpoint directory.
+      state: with an estimator, its fitted state (skips the fitting pass).
+      fit_split: the rows of ``store`` to fit on (default: every row).
+      calibration_store: the held-out rows' store (default: ``store``).
+      calibration_split: only these rows of the held-out store (default: every row).
+      tap, block_rows, labels, progress, devices, collective: as for :func:`fit_store`, for
+        both passes.
+
+    Returns:
+      A :class:`Calibration` ``(estimator, state, fitted, example)``.
+
+    Raises:
+      ConfigError: held-out rows that would overlap the fitted rows (one store for both
+        passes, but ``fit_split`` or ``calibration_split`` not given, or the same split), or
+        ``fit_split`` given for an estimator that is fitted already.
+      StoreError, NotFittedError: as for :func:`fit_store` and ``finalize`` (a key without
+        held-out rows).
+
+    Example:
+      >>> ck = jaxmon.load("checkpoint")                  # fitted in the train step
+      >>> cal = jaxmon.query.calibrate_store("heldout_store", ck)
+      >>> res = jaxmon.query.score_store("query_store", cal.estimator, cal.fitted, out="q")
+    """
+    ck = _checkpoint(est_or_checkpoint)
+    est = ck.estimator if ck is not None else est_or_checkpoint
+    _require_estimator(est, "calibrate_store", checkpoints=True)
+    state = ck.state if ck is not None else state
+    _check_held_out(state is not None, fit_split, calibration_store is None, calibration_split)
+    held_out = store if calibration_store is None else calibration_store
+    cal = est if kind_of(est).calibrated else calibrated(est)
+    kw = {"tap": tap, "block_rows": block_rows, "labels": labels, "progress": progress}
+    kw.update(devices=devices, collective=collective, monitor=None)
+    example = ck.example if ck is not None else None
+    if state is None:
+        state, example = _fit_store(store, cal, None, split=fit_split, desc="calibrate: fit", **kw)
+    elif cal is not est:  # a fitted uncalibrated state: the inner state of `cal`
+        example = example if example is not None else _example_of(held_out, est, tap)
+        state = _calibrated_state(cal, state, example)
+    state = begin_calibration(cal, state)
+    state, got = _fit_store(
+        held_out, cal, state, split=calibration_split, desc="calibrate: held out", **kw
+    )
+    return Calibration(cal, state, cal.finalize(state), got if example is None else example)
+
+
+def _check_held_out(
+    fitted: bool, fit_split: str | None, one_store: bool, calibration_split: str | None
+) -> None:
+    """Refuses calibration rows that would not be held out from the fitted rows."""
+    if fitted:
+        if fit_split is not None:
+            raise ConfigError(
+                "calibrate_store: fit_split is for the fitting pass, but the estimator is "
+                "fitted already (a checkpoint, or a state given); leave fit_split out"
+            )
+        return
+    if one_store and None in (fit_split, calibration_split):
+        raise ConfigError(
+            "calibrate_store: the calibration rows must be held out from the fitted rows: give "
+            "fit_split= and another calibration_split=, or calibration_store="
         )
+    if one_store and calibration_split == fit_split:
+        raise ConfigError(
+            f"calibrate_store: the calibration rows must be held out from the fitted rows, "
+            f"but fit_split and calibration_split are both {fit_split!r}"
+        )
+
+
+def _example_of(store: Store | str | os.PathLike, est: Estimator, tap: str | None) -> Any:
+    store = _as_store(store)
+    monitor = kind_of(est).monitor
+    taps = list(store.taps) if monitor else [_single_tap(store, tap, "to fit")]
+    return _store_example(store, taps, monitor)
+
+
+def _calibrated_state(cal: Estimator, inner_state: Any, example: Any) -> Any:
+    """The state of ``cal = calibrated(est)`` whose fitting pass ended at ``inner_state``.
+
+    Its other fields (zero fitted value and sketches, phase 0) are ``cal.init``'s;
+    :func:`jaxmon.begin_calibration` fills them.
+    """
+    return cal.init(example)._replace(inner=inner_state)
+
+
+# --------------------------------------------------------------------------- batch detectors
+
+
+def _batch_score(method: str, alpha: float, num_directions: int) -> tuple[ScoreFn, dict]:
+    """A batch detector as a plain score function of ``(trusted fitted, query moments)``, and
+    the spec recorded with its query."""
+    from jaxmon.estimators.batch_detectors import que_scores, spectral_signature_scores
 
     if method == "que":
 
@@ -1616,9 +2062,9 @@ def _batch_detector(method: str, alpha: float, num_directions: int) -> Estimator
             )
 
     else:
-        raise ValueError(f"method must be 'que' or 'spectral', got {method!r}")
+        raise ConfigError(f"method must be 'que' or 'spectral', got {method!r}")
     params = {"method": method, "alpha": alpha, "num_directions": num_directions}
-    return Estimator(refuse, refuse, refuse, refuse, score, EstimatorSpec("batch_detector", params))
+    return score, EstimatorSpec("batch_detector", params).to_dict()
 
 
 def score_store_batch(
@@ -1643,9 +2089,9 @@ def score_store_batch(
     QUE and spectral signatures need the query set's own covariance, which no single block
     holds. Three passes over the store, each bounded by the block size like
     :func:`score_store`: (1) the trusted moments (``trusted_split``), (2) the query set's
-    moments (``query_split``; ``None`` = every row), (3) every row scored against both with
-    :func:`score_store` (so the output, resumability and top-k are the same). Trusted rows are
-    scored too, which gives the scores' null distribution for free.
+    moments (``query_split``; ``None`` = every row), (3) every row scored against both by the
+    scoring loop of :func:`score_store` (so the output, resumability and top-k are the same).
+    Trusted rows are scored too, which gives the scores' null distribution for free.
 
     Args:
       store: a :class:`Store` or its directory.
@@ -1659,26 +2105,36 @@ def score_store_batch(
 
     Returns:
       The :class:`QueryResult` of the scoring pass (one score key).
+
+    Raises:
+      ConfigError: an unknown ``method``, or as for :func:`score_store`.
     """
     from jaxmon.estimators.gaussian import gaussian
 
+    score, spec = _batch_score(method, alpha, num_directions)
+    top_k = _positive(top_k, "top_k")
+    out = _output_dir(out)
+    store = _as_store(store)
+    tap = _single_tap(store, tap, "to audit")
     g = gaussian()
     kw = {"tap": tap, "block_rows": block_rows, "devices": devices, "collective": collective}
-    trusted, _ = fit_store(store, g, split=trusted_split, **kw)
-    query_moments, _ = fit_store(store, g, split=query_split, **kw)
-    est = _batch_detector(method, alpha, num_directions)
-    return score_store(
+    kw.update(progress=progress, monitor=False, labels=None)
+    trusted, _ = _fit_store(store, g, None, split=trusted_split, desc="trusted moments", **kw)
+    moments, _ = _fit_store(store, g, None, split=query_split, desc="query moments", **kw)
+    fitted = (g.finalize(trusted), moments)
+    scoring = _Scoring(score, fitted, [tap], monitor=False, calibrated=False, spec=spec)
+    return _run_query(
         store,
-        est,
-        (g.finalize(trusted), query_moments),
+        scoring,
         out=out,
-        tap=tap,
-        block_rows=block_rows,
+        block_rows=_positive(block_rows, "block_rows", optional=True),
         top_k=top_k,
         resume=resume,
         progress=progress,
         devices=devices,
+        callback=None,
         collective=collective,
+        desc="score_store_batch",
     )
 
 
@@ -1732,44 +2188,27 @@ def rank_store(
     from jaxmon._rank import rank_scores
 
     store = _as_store(store)
+    if query is None and out is None:
+        raise ConfigError(
+            "rank_store: give query= (a finished score_store of this store) or out= (a "
+            "directory to score the store into)"
+        )
     if query is None:
-        if out is None:
-            raise ConfigError(
-                "rank_store: give query= (a finished score_store of this store) or out= (a "
-                "directory to score the store into)"
-            )
         res = score_store(store, est_or_checkpoint, fitted, out=out, **score_kwargs)
     else:
-        res = query if isinstance(query, QueryResult) else load_result(query)
-        if res.rows != store.rows:
-            raise StoreError(
-                f"the query in {res.directory} scored {res.rows:,} rows but the store at "
-                f"{store.directory} holds {store.rows:,}: rank a query of this store"
-            )
-    n, step = store.rows, 1 << 20
-    col = lambda c: np.concatenate(
-        [store.read_meta(c, lo, lo + step) for lo in range(0, n, step)] or [np.zeros(0)]
-    )
-    labels = col("label").astype(np.int64)
-    want = np.atleast_1d(np.asarray(flagged, np.int64))
-    clean_rows = np.flatnonzero(labels == int(trusted))
-    flag_rows = np.flatnonzero(np.isin(labels, want))
-    if not len(clean_rows) or not len(flag_rows):
-        raise StoreError(
-            f"rank_store: the store at {store.directory} holds {len(clean_rows):,} rows labelled "
-            f"{trusted} and {len(flag_rows):,} labelled {want.tolist()}; both are needed"
-        )
-    sc, sf = {}, {}
-    for k in res.keys:
+        res = _query_of(store, query)
+    clean_rows, flag_rows = _labelled_rows(store, flagged, trusted)
+    clean, flag = {}, {}
+    for k in res.keys:  # one key's scores in memory at a time
         s = res.scores(k)
-        sc[k], sf[k] = s[clean_rows], s[flag_rows]
+        clean[k], flag[k] = s[clean_rows], s[flag_rows]
     ids = None
     if sequences and "sequence_id" in store.meta:
-        seq = col("sequence_id")
+        seq = store.column("sequence_id")
         ids = (seq[clean_rows], seq[flag_rows])
     return rank_scores(
-        sc,
-        sf,
+        clean,
+        flag,
         sequence_id=ids,
         calibrated=bool(res.summary.get("calibrated")),
         reductions=reductions,
@@ -1779,3 +2218,30 @@ def rank_store(
         level=level,
         seed=seed,
     )
+
+
+def _query_of(store: Store, query: QueryResult | str | os.PathLike) -> QueryResult:
+    """A finished query of ``store`` (one of another store is refused)."""
+    res = query if isinstance(query, QueryResult) else load_result(query)
+    if res.rows != store.rows:
+        raise StoreError(
+            f"the query in {res.directory} scored {res.rows:,} rows but the store at "
+            f"{store.directory} holds {store.rows:,}: rank a query of this store"
+        )
+    return res
+
+
+def _labelled_rows(
+    store: Store, flagged: int | Sequence[int], trusted: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows labelled ``trusted`` and those labelled ``flagged`` (both must exist)."""
+    labels = store.column("label").astype(np.int64)
+    want = np.atleast_1d(np.asarray(flagged, np.int64))
+    clean_rows = np.flatnonzero(labels == int(trusted))
+    flag_rows = np.flatnonzero(np.isin(labels, want))
+    if not len(clean_rows) or not len(flag_rows):
+        raise StoreError(
+            f"rank_store: the store at {store.directory} holds {len(clean_rows):,} rows labelled "
+            f"{trusted} and {len(flag_rows):,} labelled {want.tolist()}; both are needed"
+        )
+    return clean_rows, flag_rows

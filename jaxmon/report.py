@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from jaxmon import metrics
+from jaxmon._keys import MonitorKey
+from jaxmon.errors import ConfigError
 from jaxmon.query import QueryResult, load_result, open_store
 
 __all__ = ["write_report"]
@@ -87,39 +89,16 @@ def write_report(
     os.makedirs(out, exist_ok=True)
     rows = _strided(res.rows, max_rows)
     splits = store.splits
-    row_split = (
-        np.concatenate(
-            [
-                store.read_meta("split", lo, lo + (1 << 20))[::1]
-                for lo in range(0, res.rows, 1 << 20)
-            ]
-        )[rows]
-        if "split" in store.meta and res.rows
-        else np.zeros(0)
-    )
+    row_split = store.column("split")[rows] if "split" in store.meta else np.zeros(0)
     labels = (
-        np.concatenate(
-            [store.read_meta("label", lo, lo + (1 << 20)) for lo in range(0, res.rows, 1 << 20)]
-        )[rows].astype(np.int64)
-        if "label" in store.meta and res.rows
+        store.column("label")[rows].astype(np.int64)
+        if "label" in store.meta
         else np.full(len(rows), -1)
     )
     ref = load_result(trusted) if trusted is not None else None
     code = splits.index(trusted_split) if trusted_split in splits else None
     seqs = res.sequences() if os.path.exists(os.path.join(res.directory, "sequences.npz")) else {}
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>jaxmon report</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}"
-        "mark{background:#f88}</style></head><body>",
-        "<h1>jaxmon anomaly report</h1>",
-        f"<p>Store <code>{html.escape(res.summary['store'])}</code>: {res.rows:,} tokens, "
-        f"{res.summary.get('sequences', 0):,} sequences, estimator "
-        f"<code>{html.escape(res.summary['spec']['name'])}</code>"
-        f"{' (calibrated: scores are -log10 p)' if res.summary.get('calibrated') else ''}.</p>",
-        "<h2>Per key</h2><table><tr><th>key</th><th>mean</th><th>max</th>"
-        "<th>non-finite rows</th><th>token AUROC</th><th>sequence AUROC (max)</th></tr>",
-    ]
+    parts = _head_html(res)
     figs = []
     for i, key in enumerate(res.keys):
         s = _read(res, key, rows)
@@ -130,39 +109,13 @@ def write_report(
             trusted_s, query_s = s[row_split == code], s[row_split != code]
         else:
             trusted_s, query_s = np.zeros(0), s
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        # Non-finite scores (rows holding NaN/inf: +inf) have no bin; the legend counts them.
-        trusted_f, query_f = trusted_s[np.isfinite(trusted_s)], query_s[np.isfinite(query_s)]
-        both = np.concatenate([trusted_f, query_f])
-        edges = np.histogram_bin_edges(both, bins=bins) if len(both) else bins
-        for name, all_s, fin in (("trusted", trusted_s, trusted_f), ("query", query_s, query_f)):
-            if len(all_s):
-                off = len(all_s) - len(fin)
-                note = f", {off:,} non-finite not shown" if off else ""
-                ax.hist(
-                    fin, edges, density=True, alpha=0.55, label=f"{name} ({len(all_s):,}{note})"
-                )
-        ax.set_xlabel("score (higher = more anomalous)")
-        ax.set_ylabel("density")
-        ax.set_title(key)
-        ax.legend()
-        fig.tight_layout()
         png = f"hist_{i:03d}.png"
-        fig.savefig(os.path.join(out, png), dpi=90)
-        plt.close(fig)
+        _histogram(plt, key, trusted_s, query_s, bins, os.path.join(out, png))
         figs.append((key, png))
-        tok_auc = _auroc(s, labels)
         seq_auc = None
         if seqs and f"max/{key}" in seqs:
             seq_auc = _auroc(seqs[f"max/{key}"], seqs["label"])
-        info = res.summary["keys"][key]
-        fmt = lambda v: "–" if v is None else f"{v:.4f}"
-        nonfinite = info.get("nonfinite")  # absent in summaries of older versions
-        parts.append(
-            f"<tr><td>{html.escape(key)}</td><td>{info['mean']:.4g}</td><td>{info['max']:.4g}</td>"
-            f"<td>{'–' if nonfinite is None else f'{nonfinite:,}'}</td>"
-            f"<td>{fmt(tok_auc)}</td><td>{fmt(seq_auc)}</td></tr>"
-        )
+        parts.append(_key_row(res, key, _auroc(s, labels), seq_auc))
     parts.append("</table>")
     for key, png in figs:
         parts.append(f"<h3>{html.escape(key)}</h3><img src='{png}' alt='histogram of {key}'>")
@@ -173,6 +126,68 @@ def write_report(
     with open(path, "w") as f:
         f.write("\n".join(parts))
     return path
+
+
+def _head_html(res: QueryResult) -> list[str]:
+    """The page's head, its summary line and the per-key table's header."""
+    calibrated = " (calibrated: scores are -log10 p)" if res.summary.get("calibrated") else ""
+    return [
+        "<!doctype html><html><head><meta charset='utf-8'><title>jaxmon report</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}"
+        "mark{background:#f88}</style></head><body>",
+        "<h1>jaxmon anomaly report</h1>",
+        f"<p>Store <code>{html.escape(res.summary['store'])}</code>: {res.rows:,} tokens, "
+        f"{res.summary.get('sequences', 0):,} sequences, estimator "
+        f"<code>{html.escape(res.summary['spec']['name'])}</code>{calibrated}.</p>",
+        "<h2>Per key</h2><table><tr><th>key</th><th>tap</th><th>detector</th><th>mean</th>"
+        "<th>max</th><th>non-finite rows</th><th>token AUROC</th><th>sequence AUROC (max)</th>"
+        "</tr>",
+    ]
+
+
+def _histogram(plt, key: str, trusted_s, query_s, bins: int, path: str) -> None:
+    """A PNG of the trusted and query score histograms of one key."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    # Non-finite scores (rows holding NaN/inf: +inf) have no bin; the legend counts them.
+    trusted_f, query_f = trusted_s[np.isfinite(trusted_s)], query_s[np.isfinite(query_s)]
+    both = np.concatenate([trusted_f, query_f])
+    edges = np.histogram_bin_edges(both, bins=bins) if len(both) else bins
+    for name, all_s, fin in (("trusted", trusted_s, trusted_f), ("query", query_s, query_f)):
+        if len(all_s):
+            off = len(all_s) - len(fin)
+            note = f", {off:,} non-finite not shown" if off else ""
+            ax.hist(fin, edges, density=True, alpha=0.55, label=f"{name} ({len(all_s):,}{note})")
+    ax.set_xlabel("score (higher = more anomalous)")
+    ax.set_ylabel("density")
+    ax.set_title(key)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _key_row(res: QueryResult, key: str, tok_auc: float | None, seq_auc: float | None) -> str:
+    """One row of the per-key table."""
+    info = res.summary["keys"][key]
+    fmt = lambda v: "–" if v is None else f"{v:.4f}"
+    nonfinite = info.get("nonfinite")  # absent in summaries of older versions
+    return (
+        f"<tr><td>{html.escape(key)}</td>{_key_cells(key)}"
+        f"<td>{info['mean']:.4g}</td><td>{info['max']:.4g}</td>"
+        f"<td>{'–' if nonfinite is None else f'{nonfinite:,}'}</td>"
+        f"<td>{fmt(tok_auc)}</td><td>{fmt(seq_auc)}</td></tr>"
+    )
+
+
+def _key_cells(key: str) -> str:
+    """The tap(s) and detector of a score key, as two table cells."""
+    try:
+        k = MonitorKey.parse(key)
+    except ConfigError:  # not a monitor key (a tap name holding '->' twice): as it is
+        return f"<td>{html.escape(key)}</td><td>–</td>"
+    taps = " &rarr; ".join(html.escape(t) for t in k.taps)
+    return f"<td>{taps}</td><td>{html.escape(k.detector or '–')}</td>"
 
 
 def _top_sequences_html(res: QueryResult, store: Any, seqs: dict, k: int) -> list[str]:
@@ -190,12 +205,7 @@ def _top_sequences_html(res: QueryResult, store: Any, seqs: dict, k: int) -> lis
         text = ""
         if tokens is not None:
             if seq_col is None:  # token rows of the listed sequences only
-                seq_col = np.concatenate(
-                    [
-                        store.read_meta("sequence_id", lo, lo + (1 << 20))
-                        for lo in range(0, res.rows, 1 << 20)
-                    ]
-                )
+                seq_col = store.column("sequence_id")
             where = np.flatnonzero(seq_col == sid)
             sc = res.scores(key, int(where[0]), int(where[-1]) + 1)[where - where[0]]
             hot = int(np.argmax(sc)) if len(sc) else -1

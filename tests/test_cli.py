@@ -64,9 +64,21 @@ def test_help(command, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "usage: jaxmon" in out
+    assert "exits with status 2 and one sentence" in " ".join(out.split())
     if command == "fit":  # the config format, with its example, verbatim
         assert "[monitor]" in out and 'name = "gaussian"' in out and '"estimator":' in out
         assert '"blocks/*/mlp_out" = { name = "gaussian"' in out
+    elif command is not None:  # what it does, and an example
+        assert "example:\n  jaxmon " + command in out
+
+
+def test_help_describes_every_command_and_argument():
+    sub = next(a for a in cli._parser()._actions if a.dest == "command")
+    assert set(sub.choices) == {"fit", "score", "rank", "report", "compare", "inspect"}
+    for name, parser in sub.choices.items():
+        assert len(parser.description or "") > 80, name
+        for action in parser._actions:
+            assert action.help, (name, action.dest)
 
 
 def _one_sentence(err):
@@ -301,3 +313,36 @@ def test_distributed_flags_and_environment(monkeypatch, capsys, tmp_path):
     n = len(calls)
     assert cli.main(["inspect", str(tmp_path / "ck")]) == 2  # one process: never joins
     assert len(calls) == n and "no checkpoint" in capsys.readouterr().err
+
+
+def test_fit_with_a_calibration_split_equals_the_two_passes(tmp_path, rng, capsys):
+    """`calibration_split` in the config: fit on `split`, then calibrate on the held-out split
+    (the library's two passes), saved as one calibrated checkpoint."""
+    _store(tmp_path / "store", rng)
+    cfg = tmp_path / "fit.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "split": "trusted",
+                "calibration_split": "heldout",
+                "monitor": {"blocks/*/out": {"name": "gaussian", "params": {"shrinkage": 0.1}}},
+            }
+        )
+    )
+    assert cli.main(["fit", str(cfg), str(tmp_path / "store"), "-o", str(tmp_path / "ck")]) == 0
+    assert "fitted calibrated on 240 of 720 logged rows" in capsys.readouterr().out
+    ck = jaxmon.load(tmp_path / "ck")
+    cal = jaxmon.calibrated(jaxmon.monitor({"blocks/*/out": jaxmon.gaussian(shrinkage=0.1)}))
+    assert ck.estimator.spec == cal.spec
+    state, _ = query.fit_store(tmp_path / "store", cal, split="trusted")
+    state = jaxmon.begin_calibration(cal, state)
+    state, _ = query.fit_store(tmp_path / "store", cal, state, split="heldout")
+    assert jaxmon.num_rows(ck.state) == jaxmon.num_rows(state)
+    for a, b in zip(jax.tree.leaves(ck.state), jax.tree.leaves(state), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    x = {t: query.open_store(tmp_path / "store").read(t, 0, 50).result() for t in state.inner}
+    np.testing.assert_allclose(
+        np.asarray(ck.estimator.score(ck.fitted, x)["blocks/0/out"]),
+        np.asarray(cal.score(cal.finalize(state), x)["blocks/0/out"]),
+        rtol=1e-5,
+    )

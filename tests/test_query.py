@@ -150,8 +150,12 @@ def test_checkpoint_path_progress_and_errors(store, tmp_path, capsys):
     assert res.summary["rows"] == 1000
     assert capsys.readouterr().err == ""  # quiet when stderr is not a terminal
     query.score_store(store, str(tmp_path / "ck"), out=tmp_path / "qp", tap="h", progress=True)
-    last = capsys.readouterr().err.splitlines()[-1]
-    assert "1000/1000 rows" in last and "rows/s" in last
+    last = capsys.readouterr().err.splitlines()[-1]  # tqdm's last refresh of the bar
+    assert "score_store" in last and "1000/1000" in last and "rows/s" in last
+    query.fit_store(store, est, tap="h", progress=True)
+    assert "fit_store" in capsys.readouterr().err.splitlines()[-1]
+    query.fit_store(store, est, tap="h")
+    assert capsys.readouterr().err == ""
     with pytest.raises(query.StoreError, match="say which one"):
         query.score_store(store, str(tmp_path / "ck"), out=tmp_path / "q2")
     with pytest.raises(query.StoreError, match="no tap 'nope'"):
@@ -382,3 +386,81 @@ def test_rank_store_ranks_keys_by_the_label_column(store, tmp_path):
     assert seq and all(r["n_clean"] == 4 and r["n_flagged"] == 4 for r in seq)
     with pytest.raises(StoreError, match="labelled"):
         query.rank_store(store, query=tmp_path / "q", flagged=7)
+
+
+def _leaves_equal(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **(tol or {"rtol": 0}))
+
+
+def test_calibrate_store_is_the_two_passes(store):
+    """Fit on one split, begin_calibration, the held-out split, finalize: as done by hand."""
+    mon = jaxmon.monitor({"*": jaxmon.gaussian(shrinkage=0.1)})
+    got = query.calibrate_store(store, mon, fit_split="trusted", calibration_split="query")
+    cal = jaxmon.calibrated(mon)
+    assert got.estimator.spec == cal.spec
+    state, example = query.fit_store(store, cal, split="trusted")  # a calibrated monitor
+    state = jaxmon.begin_calibration(cal, state)
+    state, _ = query.fit_store(store, cal, state, split="query")
+    assert jaxmon.num_rows(got.state) == jaxmon.num_rows(state)
+    _leaves_equal(got.state, state, rtol=1e-6, atol=1e-6)
+    _leaves_equal(got.fitted, cal.finalize(state), rtol=1e-6, atol=1e-6)
+    assert got.example == example
+    # A calibrated estimator is used as it is; a single tap is named as for fit_store.
+    one = query.calibrate_store(
+        store,
+        jaxmon.calibrated(jaxmon.gaussian()),
+        tap="h",
+        fit_split="trusted",
+        calibration_split="query",
+    )
+    assert one.estimator.spec.name == "calibrated"
+    rows = jaxmon.num_rows(one.state)
+    assert rows[".inner.counts"] == 600 and rows[".scores.counts"] == 400
+
+
+def test_calibrate_store_from_a_checkpoint_starts_from_its_fitted_state(store, tmp_path):
+    """A monitor fitted elsewhere (a train step) and saved: calibrating it on held-out rows is
+    one call, equal to building the calibrated state around the checkpoint's by hand."""
+    mon = jaxmon.monitor({"*": jaxmon.gaussian(shrinkage=0.1)})
+    state, example = query.fit_store(store, mon, split="trusted")
+    checkpoint.save(tmp_path / "ck", mon, state, fitted=mon.finalize(state), example=example)
+    ck = checkpoint.load(tmp_path / "ck")
+    got = query.calibrate_store(store, ck, calibration_split="query")
+    # By hand, as the demo used to: the checkpoint's state as the calibrated state's inner one.
+    cal = jaxmon.calibrated(ck.estimator)
+    ref = cal.init(example)._replace(inner=ck.state)
+    ref = jaxmon.begin_calibration(cal, ref)
+    ref, _ = query.fit_store(store, cal, ref, split="query")
+    assert jaxmon.num_rows(got.state) == jaxmon.num_rows(ref)
+    _leaves_equal(got.state, ref)
+    _leaves_equal(got.fitted, cal.finalize(ref))
+    # A checkpoint directory; a calibrated checkpoint is calibrated again from its inner state.
+    again = query.calibrate_store(str(store), str(tmp_path / "ck"), calibration_split="query")
+    _leaves_equal(again.state, got.state)
+    checkpoint.save(tmp_path / "ck2", again.estimator, again.state, example=again.example)
+    twice = query.calibrate_store(store, tmp_path / "ck2", calibration_split="query")
+    _leaves_equal(twice.state, got.state)
+    # An estimator with its fitted state is the same as its checkpoint.
+    same = query.calibrate_store(store, mon, state, calibration_split="query")
+    _leaves_equal(same.state, got.state)
+
+
+def test_calibrate_store_refuses_rows_that_are_not_held_out(store, tmp_path):
+    est = jaxmon.gaussian()
+    with pytest.raises(ConfigError, match="held out"):
+        query.calibrate_store(store, est, tap="h")
+    with pytest.raises(ConfigError, match="held out"):
+        query.calibrate_store(store, est, tap="h", fit_split="trusted", calibration_split="trusted")
+    state, _ = query.fit_store(store, est, tap="h", split="trusted")
+    with pytest.raises(ConfigError, match="fit_split"):
+        query.calibrate_store(store, est, state, tap="h", fit_split="trusted")
+    with pytest.raises(ConfigError, match="expected a jaxmon Estimator"):
+        query.calibrate_store(store, jaxmon.gaussian, tap="h", calibration_split="query")
+    # Scoring a calibrated estimator needs its calibrated fitted value.
+    cal = jaxmon.calibrated(est)
+    with pytest.raises(ConfigError, match="calibrated but its fitted value"):
+        query.score_store(store, cal, est.finalize(state), out=tmp_path / "q", tap="h")
+    with pytest.raises(ConfigError, match="method must be"):
+        query.score_store_batch(store, out=tmp_path / "qb", tap="h", method="nope")
+    assert not (tmp_path / "q").exists() and not (tmp_path / "qb").exists()

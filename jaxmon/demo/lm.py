@@ -1,7 +1,8 @@
 """The demo's language model: corpus, backdoored data, a Flax NNX transformer, training, queries.
 
-Everything here is ordinary model code that a jaxmon user would already have; the monitoring
-itself lives in :mod:`jaxmon.demo`, which calls into the library.
+Everything here is ordinary model code that a jaxmon user would already have (it imports only
+:mod:`jaxmon.nnx` for its taps); the monitoring itself lives in the other modules of
+:mod:`jaxmon.demo`, which call into the library's public API.
 
 * **Corpus**: the docstrings of Python's own standard library (extracted with :mod:`ast`, no
   downloads), byte-level tokens (vocabulary 256). Files are split by a hash of their path into
