@@ -15,6 +15,7 @@ Everything that cannot be merged (eigendecompositions, Cholesky factors, EM) hap
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 from collections.abc import Callable, Mapping
@@ -175,7 +176,9 @@ def from_spec(spec: str | Mapping[str, Any] | EstimatorSpec) -> Estimator:
     """Rebuilds an estimator from its spec (JSON string, dict or ``EstimatorSpec``).
 
     Only names in jaxmon's registry are built (never a module path or callable named by the
-    spec), with the spec's JSON parameters as keyword arguments.
+    spec), with the spec's JSON parameters as keyword arguments. Equal specs give back the same
+    :class:`Estimator` object, so its jitted functions compile once per process (see
+    :func:`_built`).
 
     Raises:
       ConfigError: the spec is not valid JSON or not a spec dict, names no registered
@@ -200,6 +203,27 @@ def from_spec(spec: str | Mapping[str, Any] | EstimatorSpec) -> Estimator:
     params = spec.get("params", {})
     if not isinstance(params, Mapping):
         raise ConfigError(f"the params of estimator spec {name!r} must be a dict, got {params!r}")
+    try:
+        key = json.dumps(params, sort_keys=True)
+    except (TypeError, ValueError):  # not JSON (an Estimator object as a param): build afresh
+        return _build(name, params)
+    if json.loads(key) != params:  # tuples (JSON makes lists): the factory gets them as given
+        return _build(name, params)
+    return _built(name, key)
+
+
+# The one estimator cache of jaxmon (spec -> Estimator). An estimator is a pure function of its
+# spec, so equal specs may share one object and its jitted functions. Combinators rely on it:
+# a fitted value that carries only its spec (``CalibratedFitted``) finds its inner estimator
+# here, also in a fresh process after ``jaxmon.load``, with no module-level registry of the
+# objects a user built.
+@functools.lru_cache(maxsize=256)
+def _built(name: str, params_json: str) -> Estimator:
+    """``from_spec`` of the spec ``{name, params}`` (params as canonical JSON), cached."""
+    return _build(name, json.loads(params_json))
+
+
+def _build(name: str, params: Mapping[str, Any]) -> Estimator:
     if name not in _REGISTRY and name in _LAZY_PROVIDERS:
         importlib.import_module(_LAZY_PROVIDERS[name])
     if name not in _REGISTRY:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -85,9 +84,6 @@ __all__ = [
 ]
 
 _SCALAR = jax.ShapeDtypeStruct((), jnp.float32)
-# calibrated(...) builds its inner estimator once; begin_calibration finds it here by spec.
-_INNER: dict[str, Estimator] = {}
-_P_VALUES: dict[str, Any] = {}  # spec JSON -> jitted p-value function
 
 
 class CalibratedState(NamedTuple):
@@ -142,10 +138,15 @@ def _leaf_masks(scores: Any, mask: Any, *, what: str) -> list[Any]:
     return [jnp.asarray(mk).astype(bool) for mk in masks]
 
 
-def _log_p_values_of(inner: Estimator, fitted: CalibratedFitted, x, mask) -> Any:
+def _log_p_values_of(inner_score: Any, fitted: CalibratedFitted, x, mask) -> Any:
     """Natural-log p-values of ``x``'s inner scores (0 on masked rows)."""
-    s = inner.score(fitted.inner, x, mask=mask)
+    s = inner_score(fitted.inner, x, mask=mask)
     return _log_p_of_scores(fitted, s, _leaf_masks(s, mask, what="p_values"))
+
+
+# The inner score function is static: from_spec gives one estimator object per spec, so each
+# calibrated spec compiles once (jit's own cache, no registry here).
+_log_p_values_jit = jax.jit(_log_p_values_of, static_argnums=0)
 
 
 def _log_p_of_scores(fitted: CalibratedFitted, scores: Any, masks: list[Any]) -> Any:
@@ -219,54 +220,71 @@ def calibrated(
             f"calibrated: expected a jaxmon Estimator (e.g. jaxmon.gaussian()), got "
             f"{type(estimator).__name__}; did you pass the factory instead of calling it?"
         )
-    sketch = quantiles(relative_accuracy=relative_accuracy)
     spec = EstimatorSpec(
         "calibrated",
         {"estimator": inner.spec.to_dict(), "relative_accuracy": float(relative_accuracy)},
         mergeable=inner.spec.mergeable,
         supervised=inner.spec.supervised,
     )
-    spec_json = spec.to_json()
-    _INNER.setdefault(spec_json, inner)
+    parts = _Calibration(inner, quantiles(relative_accuracy=relative_accuracy), spec.to_json())
+    return Estimator(
+        parts.init,
+        jax.jit(parts.update),
+        jax.jit(parts.merge),
+        parts.finalize,
+        jax.jit(parts.score),
+        spec,
+    )
 
-    def init(example) -> CalibratedState:
-        inner_state = inner.init(example)
-        fitted_shape = jax.eval_shape(inner.finalize, inner_state)
-        score_shape = jax.eval_shape(inner.score, fitted_shape, example)
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Calibration:
+    """The functions of one :func:`calibrated` estimator and what they share.
+
+    The estimator's ``init`` is this object's bound method, so :func:`begin_calibration` finds
+    the inner estimator on the estimator it is given (:func:`_calibration_of`).
+    """
+
+    inner: Estimator
+    sketch: Estimator  # jaxmon.quantiles(relative_accuracy=...): one per score leaf
+    spec_json: str  # the calibrated estimator's spec, stored on its fitted value
+
+    def init(self, example) -> CalibratedState:
+        inner_state = self.inner.init(example)
+        fitted_shape = jax.eval_shape(self.inner.finalize, inner_state)
+        score_shape = jax.eval_shape(self.inner.score, fitted_shape, example)
         fitted = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), fitted_shape)
-        scores = jax.tree.map(lambda _: sketch.init(_SCALAR), score_shape)
+        scores = jax.tree.map(lambda _: self.sketch.init(_SCALAR), score_shape)
         return CalibratedState(inner_state, fitted, scores, jnp.zeros((), jnp.int32))
 
-    def fold_scores(sketches, fitted, x, mask, weights):
-        s = inner.score(fitted, x, mask=mask)
+    def update(self, state: CalibratedState, x, *, mask=None, weights=None, labels=None):
+        def fit(st: CalibratedState) -> CalibratedState:
+            kw = label_kwargs(self.inner, mask, labels)
+            return st._replace(inner=self.inner.update(st.inner, x, weights=weights, **kw))
+
+        def calibrate(st: CalibratedState) -> CalibratedState:
+            # The null distribution is that of trusted rows only: flagged rows never enter it.
+            trusted = trusted_mask(mask, labels)
+            return st._replace(scores=self._fold_scores(st.scores, st.fitted, x, trusted, weights))
+
+        return jax.lax.cond(state.phase == 0, fit, calibrate, state)
+
+    def _fold_scores(self, sketches, fitted, x, mask, weights):
+        s = self.inner.score(fitted, x, mask=mask)
         leaves = jax.tree.leaves(s)
         sks, treedef = jax.tree.flatten(sketches, is_leaf=_is_sketch)
         masks = _leaf_masks(s, mask, what="update")
         # Rows whose inner score is NaN/inf (a NaN input row) are excluded and counted here.
         new = [
-            sketch.update(sk, sc, mask=mk, weights=weights)
+            self.sketch.update(sk, sc, mask=mk, weights=weights)
             for sk, sc, mk in zip(sks, leaves, masks, strict=True)
         ]
         return jax.tree.unflatten(treedef, new)
 
-    @jax.jit
-    def update(state: CalibratedState, x, *, mask=None, weights=None, labels=None):
-        def fit(st: CalibratedState) -> CalibratedState:
-            kw = label_kwargs(inner, mask, labels)
-            return st._replace(inner=inner.update(st.inner, x, weights=weights, **kw))
-
-        def calibrate(st: CalibratedState) -> CalibratedState:
-            # The null distribution is that of trusted rows only: flagged rows never enter it.
-            trusted = trusted_mask(mask, labels)
-            return st._replace(scores=fold_scores(st.scores, st.fitted, x, trusted, weights))
-
-        return jax.lax.cond(state.phase == 0, fit, calibrate, state)
-
-    @jax.jit
-    def merge(a: CalibratedState, b: CalibratedState) -> CalibratedState:
+    def merge(self, a: CalibratedState, b: CalibratedState) -> CalibratedState:
         both_fitting = (a.phase == 0) & (b.phase == 0)
         take_a = a.phase >= b.phase
-        merged = inner.merge(a.inner, b.inner)
+        merged = self.inner.merge(a.inner, b.inner)
         pick = lambda u, v: jnp.where(take_a, u, v)
         # Phase 1 states share one inner state and fitted value (begin_calibration of one
         # merged state); only their sketches hold different rows.
@@ -274,16 +292,10 @@ def calibrated(
             lambda m, u, v: jnp.where(both_fitting, m, pick(u, v)), merged, a.inner, b.inner
         )
         fitted = jax.tree.map(pick, a.fitted, b.fitted)
-        scores = jax.tree.map(sketch.merge, a.scores, b.scores, is_leaf=_is_sketch)
+        scores = jax.tree.map(self.sketch.merge, a.scores, b.scores, is_leaf=_is_sketch)
         return CalibratedState(inner_state, fitted, scores, jnp.maximum(a.phase, b.phase))
 
-    @jax.jit
-    def _finalize(state: CalibratedState) -> CalibratedFitted:
-        return CalibratedFitted(
-            state.fitted, jax.tree.map(sketch.finalize, state.scores, is_leaf=_is_sketch), spec_json
-        )
-
-    def finalize(state: CalibratedState) -> CalibratedFitted:
+    def finalize(self, state: CalibratedState) -> CalibratedFitted:
         if not is_traced(state):
             if int(state.phase) == 0:
                 raise NotFittedError(
@@ -292,16 +304,13 @@ def calibrated(
                     "trusted rows, then finalize"
                 )
             _require_calibration_rows(state)
-        return _finalize(state)
+        return _finalize_sketches(self.sketch.finalize, self.spec_json, state)
 
-    @jax.jit
-    def score(fitted: CalibratedFitted, x, *, mask=None):
-        lp = _log_p_values_of(inner, fitted, x, mask)
+    def score(self, fitted: CalibratedFitted, x, *, mask=None):
+        lp = _log_p_values_of(self.inner.score, fitted, x, mask)
         # log p = 0 on masked rows, so their calibrated score is exactly 0; -log10 from log p
         # never saturates, so scores past the calibration set stay ordered.
         return jax.tree.map(lambda v: -v / jnp.log(jnp.float32(10.0)), lp)
-
-    return Estimator(init, update, merge, finalize, score, spec)
 
 
 def _require_calibration_rows(state: CalibratedState) -> None:
@@ -318,12 +327,23 @@ def _require_calibration_rows(state: CalibratedState) -> None:
             )
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _finalize_sketches(sketch_finalize, spec_json: str, state: CalibratedState) -> CalibratedFitted:
+    sketches = jax.tree.map(sketch_finalize, state.scores, is_leaf=_is_sketch)
+    return CalibratedFitted(state.fitted, sketches, spec_json)
+
+
+def _calibration_of(cal: Estimator) -> _Calibration:
+    """The shared parts of a calibrated estimator (rebuilt from its spec for a hand-made one)."""
+    parts = getattr(cal.init, "__self__", None)
+    if isinstance(parts, _Calibration):
+        return parts
+    return from_spec(cal.spec).init.__self__
+
+
 def _inner_for(spec_json: str) -> Estimator:
-    """The inner estimator of the calibrated estimator with this spec (built once, cached)."""
-    if spec_json not in _INNER:
-        params = json.loads(spec_json)["params"]
-        calibrated(from_spec(params["estimator"]), relative_accuracy=params["relative_accuracy"])
-    return _INNER[spec_json]
+    """The inner estimator of the calibrated estimator with this spec (``from_spec``, cached)."""
+    return _calibration_of(from_spec(spec_json)).inner
 
 
 def begin_calibration(cal: Estimator, state: CalibratedState) -> CalibratedState:
@@ -345,8 +365,7 @@ def begin_calibration(cal: Estimator, state: CalibratedState) -> CalibratedState
             f"begin_calibration: expected an estimator made by jaxmon.calibrated(...), got "
             f"{cal.spec.name!r}"
         )
-    inner = _inner_for(cal.spec.to_json())
-    fitted = inner.finalize(state.inner)
+    fitted = _calibration_of(cal).inner.finalize(state.inner)
     fitted = jax.tree.map(lambda z, f: jnp.asarray(f, z.dtype), state.fitted, fitted)
     empty = jax.tree.map(
         lambda sk: jax.tree.map(jnp.zeros_like, sk)._replace(
@@ -392,10 +411,7 @@ def p_values(fitted: CalibratedFitted, x, *, mask=None, log: bool = False):
                 "p_values: the calibrated fitted value holds an empty score sketch (its "
                 "calibration pass saw no rows); calibrate on held-out trusted rows first"
             )
-    if fitted.spec not in _P_VALUES:
-        inner = _inner_for(fitted.spec)
-        _P_VALUES[fitted.spec] = jax.jit(lambda f, x, m: _log_p_values_of(inner, f, x, m))
-    lp = _P_VALUES[fitted.spec](fitted, x, mask)
+    lp = _log_p_values_jit(_inner_for(fitted.spec).score, fitted, x, mask)
     return lp if log else jax.tree.map(jnp.exp, lp)
 
 

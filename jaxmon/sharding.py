@@ -54,10 +54,6 @@ from jaxmon.errors import ConfigError
 
 __all__ = ["shard_local", "merge_replicas", "replica_count", "shard_wide", "state_sharding"]
 
-# Inner estimators by the sharded spec's JSON, so merge_replicas finds the exact object
-# (from_spec rebuilds it otherwise).
-_INNER: dict[str, Estimator] = {}
-
 
 def _leaf_spec(x: Any, axis: str, batch_axis: int) -> P:
     ndim = len(getattr(x, "shape", ()))
@@ -86,18 +82,42 @@ def _input_specs(x: Any, axis: str, batch_axis: int | Mapping[str, int]) -> Any:
     return jax.tree.map(lambda leaf: _leaf_spec(leaf, axis, ba), x)
 
 
-@dataclasses.dataclass(frozen=True)
+def _place(tree: Any, mesh: Mesh, spec_of: Callable[[Any], P]) -> Any:
+    """Every leaf of ``tree`` put on ``mesh`` as ``spec_of(leaf)`` says (constrained if traced)."""
+
+    def one(leaf):
+        sh = NamedSharding(mesh, spec_of(leaf))
+        if isinstance(leaf, jax.core.Tracer):
+            return jax.lax.with_sharding_constraint(leaf, sh)
+        return jax.device_put(leaf, sh)
+
+    return jax.tree.map(one, tree)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class _Layout:
-    """How a ``shard_local`` estimator lays out its state (kept on its ``init``)."""
+    """A ``shard_local`` estimator: its inner estimator, its mesh, and its functions.
+
+    The estimator's ``init`` is this object's bound method, so :func:`merge_replicas` and
+    :func:`state_sharding` find the exact inner estimator and mesh on the estimator they are
+    given (:func:`_layout_of`).
+    """
 
     inner: Estimator
     mesh: Mesh
     axis: str
     model_axis: str | None
+    batch_axis: int | Mapping[str, int] = 0
 
     @property
     def replicas(self) -> int:
         return int(self.mesh.shape[self.axis])
+
+    @property
+    def manual(self) -> frozenset[str]:
+        """Mesh axes ``shard_map`` is manual over: the data axis only, the model axis (if any)
+        stays with GSPMD inside (an empty set means every axis)."""
+        return frozenset({self.axis}) if self.model_axis is not None else frozenset()
 
     def inner_spec(self, leaf: Any) -> P:
         """Placement of one inner-state leaf within a replica (columns over the model axis)."""
@@ -112,25 +132,65 @@ class _Layout:
 
     def put(self, state: Any) -> Any:
         """``state`` (replica-stacked) placed or constrained to this layout."""
-
-        def one(leaf):
-            sh = NamedSharding(self.mesh, self.spec(leaf))
-            if isinstance(leaf, jax.core.Tracer):
-                return jax.lax.with_sharding_constraint(leaf, sh)
-            return jax.device_put(leaf, sh)
-
-        return jax.tree.map(one, state)
+        return _place(state, self.mesh, self.spec)
 
     def put_inner(self, state: Any) -> Any:
         """An inner state (no replica axis) in the wide layout (replicated without one)."""
+        return _place(state, self.mesh, self.inner_spec)
 
-        def one(leaf):
-            sh = NamedSharding(self.mesh, self.inner_spec(leaf))
-            if isinstance(leaf, jax.core.Tracer):
-                return jax.lax.with_sharding_constraint(leaf, sh)
-            return jax.device_put(leaf, sh)
+    def init(self, example):
+        s = self.inner.init(example)
+        stacked = jax.tree.map(
+            lambda leaf: jnp.broadcast_to(jnp.asarray(leaf)[None], (self.replicas, *leaf.shape)), s
+        )
+        return self.put(stacked)
 
-        return jax.tree.map(one, state)
+    def update(self, state, x, **kwargs):
+        """Each device folds its shard of ``x`` (and of the keyword arrays) into its replica."""
+        x_spec = _input_specs(x, self.axis, self.batch_axis)
+        extra = {k: v for k, v in kwargs.items() if v is not None}
+        extra_spec = {k: P(self.axis) for k in extra}
+
+        def local(s, x, extra):
+            s = jax.tree.map(lambda leaf: leaf[0], s)
+            if "labels" in extra:  # labels for a supervised inner estimator, else a mask
+                extra = dict(extra)
+                labels = extra.pop("labels")
+                extra.update(label_kwargs(self.inner, extra.pop("mask", None), labels))
+            return self._restack(self.inner.update(s, x, **extra))
+
+        state_spec = jax.tree.map(lambda _: P(self.axis), state)
+        out = self._shard_map(local, (state_spec, x_spec, extra_spec), state_spec)(state, x, extra)
+        return self.put(out)
+
+    def merge(self, a, b):
+        """Replica ``i`` of ``a`` merged with replica ``i`` of ``b``, on its own device."""
+
+        def local(a, b):
+            a, b = (jax.tree.map(lambda leaf: leaf[0], t) for t in (a, b))
+            return self._restack(self.inner.merge(a, b))
+
+        spec_a = jax.tree.map(lambda _: P(self.axis), a)
+        return self.put(self._shard_map(local, (spec_a, spec_a), spec_a)(a, b))
+
+    def finalize(self, state):
+        return self.inner.finalize(_tree_merge(self.inner, state))
+
+    def _restack(self, s):
+        """One replica's new inner state, laid out wide if needed, with its replica axis back."""
+        if self.model_axis is not None:
+            s = self.put_inner(s)
+        return jax.tree.map(lambda leaf: leaf[None], s)
+
+    def _shard_map(self, fn, in_specs, out_specs):
+        return jax.shard_map(
+            fn,
+            mesh=self.mesh,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            axis_names=self.manual,
+            check_vma=False,
+        )
 
 
 def shard_local(
@@ -168,6 +228,26 @@ def shard_local(
       >>> state = sest.update(sest.init(example), batch)        # batch sharded over "data"
       >>> single = jaxmon.sharding.merge_replicas(sest, state)  # a state of gaussian()
     """
+    spec = _shard_local_spec(est, mesh, axis, batch_axis, model_axis)
+    layout = _Layout(est, mesh, axis, model_axis, batch_axis)
+    return Estimator(
+        layout.init,
+        jax.jit(layout.update),
+        jax.jit(layout.merge),
+        layout.finalize,
+        est.score,
+        spec,
+    )
+
+
+def _shard_local_spec(
+    est: Estimator,
+    mesh: Mesh,
+    axis: str,
+    batch_axis: int | Mapping[str, int],
+    model_axis: str | None,
+) -> EstimatorSpec:
+    """The spec of ``shard_local(est, mesh, axis, ...)``, its arguments checked."""
     if axis not in mesh.shape:
         raise ConfigError(f"shard_local: mesh has axes {tuple(mesh.shape)}, not {axis!r}")
     if model_axis is not None and (model_axis not in mesh.shape or model_axis == axis):
@@ -175,86 +255,18 @@ def shard_local(
             f"shard_local: model_axis {model_axis!r} must be another axis of the mesh (its axes: "
             f"{tuple(mesh.shape)})"
         )
-    replicas = int(mesh.shape[axis])
     params: dict[str, Any] = {
         "estimator": est.spec.to_dict(),
         "axis": axis,
-        "replicas": replicas,
+        "replicas": int(mesh.shape[axis]),
         "batch_axis": dict(batch_axis) if isinstance(batch_axis, Mapping) else batch_axis,
     }
     if model_axis is not None:  # absent otherwise: specs saved before wide taps stay equal
         params["model_axis"] = model_axis
         params["model_size"] = int(mesh.shape[model_axis])
-    spec = EstimatorSpec(
+    return EstimatorSpec(
         "shard_local", params, mergeable=est.spec.mergeable, supervised=est.spec.supervised
     )
-    _INNER[spec.to_json()] = est
-    layout = _Layout(est, mesh, axis, model_axis)
-    # Manual over the data axis only: the model axis (if any) stays with GSPMD inside.
-    manual = frozenset({axis}) if model_axis is not None else frozenset()
-
-    def init(example):
-        s = est.init(example)
-        return layout.put(
-            jax.tree.map(
-                lambda leaf: jnp.broadcast_to(jnp.asarray(leaf)[None], (replicas, *leaf.shape)), s
-            )
-        )
-
-    init.jaxmon_layout = layout  # type: ignore[attr-defined]
-
-    @jax.jit
-    def update(state, x, **kwargs):
-        x_spec = _input_specs(x, axis, batch_axis)
-        extra = {k: v for k, v in kwargs.items() if v is not None}
-        extra_spec = {k: P(axis) for k in extra}
-
-        def local(s, x, extra):
-            s = jax.tree.map(lambda leaf: leaf[0], s)
-            if "labels" in extra:  # labels for a supervised inner estimator, else a mask
-                extra = dict(extra)
-                labels = extra.pop("labels")
-                extra.update(label_kwargs(est, extra.pop("mask", None), labels))
-            s = est.update(s, x, **extra)
-            if model_axis is not None:
-                s = layout.put_inner(s)
-            return jax.tree.map(lambda leaf: leaf[None], s)
-
-        state_spec = jax.tree.map(lambda _: P(axis), state)
-        out = jax.shard_map(
-            local,
-            mesh=mesh,
-            in_specs=(state_spec, x_spec, extra_spec),
-            out_specs=state_spec,
-            axis_names=manual,
-            check_vma=False,
-        )(state, x, extra)
-        return layout.put(out)
-
-    @jax.jit
-    def merge(a, b):
-        def local(a, b):
-            a, b = (jax.tree.map(lambda leaf: leaf[0], t) for t in (a, b))
-            m = est.merge(a, b)
-            if model_axis is not None:
-                m = layout.put_inner(m)
-            return jax.tree.map(lambda leaf: leaf[None], m)
-
-        spec_a = jax.tree.map(lambda _: P(axis), a)
-        out = jax.shard_map(
-            local,
-            mesh=mesh,
-            in_specs=(spec_a, spec_a),
-            out_specs=spec_a,
-            axis_names=manual,
-            check_vma=False,
-        )(a, b)
-        return layout.put(out)
-
-    def finalize(state):
-        return est.finalize(_tree_merge(est, state))
-
-    return Estimator(init, update, merge, finalize, est.score, spec)
 
 
 @register("shard_local")
@@ -296,14 +308,10 @@ def _layout_of(sharded_est: Estimator, what: str = "merge_replicas") -> _Layout:
             f"{what} expects an estimator built by jaxmon.sharding.shard_local, got "
             f"{sharded_est.spec.name!r}"
         )
-    layout = getattr(sharded_est.init, "jaxmon_layout", None)
-    if layout is None:  # a hand-made Estimator with this spec: rebuild it
-        layout = from_spec(sharded_est.spec.to_dict()).init.jaxmon_layout
+    layout = getattr(sharded_est.init, "__self__", None)
+    if not isinstance(layout, _Layout):  # a hand-made Estimator with this spec: rebuild it
+        layout = from_spec(sharded_est.spec).init.__self__
     return layout
-
-
-def _inner_of(sharded_est: Estimator) -> Estimator:
-    return _layout_of(sharded_est).inner
 
 
 def replica_count(state: Any) -> int:
@@ -399,8 +407,10 @@ def state_sharding(sharded_est: Estimator) -> Callable[[Any], NamedSharding]:
       ConfigError: not a ``shard_local`` / ``shard_wide`` estimator.
     """
     if sharded_est.spec.name == "shard_wide":
-        mesh, axis, size = sharded_est.init.jaxmon_wide
-        return lambda leaf: NamedSharding(mesh, _wide_spec(leaf, axis, size))
+        wide = getattr(sharded_est.init, "__self__", None)
+        if not isinstance(wide, _Wide):  # a hand-made Estimator with this spec: rebuild it
+            wide = from_spec(sharded_est.spec).init.__self__
+        return lambda leaf: NamedSharding(wide.mesh, wide.spec(leaf))
     layout = _layout_of(sharded_est, "state_sharding")
     return lambda leaf: NamedSharding(layout.mesh, layout.spec(leaf))
 
@@ -445,7 +455,7 @@ def shard_wide(est: Estimator, mesh: Mesh, axis: str = "model") -> Estimator:
             local.inner,
             mesh,
             local.axis,
-            batch_axis=est.spec.params.get("batch_axis", 0),
+            batch_axis=local.batch_axis,
             model_axis=axis,
         )
     size = int(mesh.shape[axis])
@@ -456,29 +466,38 @@ def shard_wide(est: Estimator, mesh: Mesh, axis: str = "model") -> Estimator:
         supervised=est.spec.supervised,
     )
 
-    def layout(state):
-        def put(leaf):
-            sh = NamedSharding(mesh, _wide_spec(leaf, axis, size))
-            if isinstance(leaf, jax.core.Tracer):
-                return jax.lax.with_sharding_constraint(leaf, sh)
-            return jax.device_put(leaf, sh)
+    wide = _Wide(est, mesh, axis, size)
+    return Estimator(
+        wide.init, jax.jit(wide.update), jax.jit(wide.merge), est.finalize, est.score, spec
+    )
 
-        return jax.tree.map(put, state)
 
-    def init(example):
-        return layout(est.init(example))
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Wide:
+    """A ``shard_wide`` estimator: one state, its matrix leaves split by columns over ``axis``.
 
-    init.jaxmon_wide = (mesh, axis, size)  # type: ignore[attr-defined]
+    The estimator's ``init`` is this object's bound method (read by :func:`state_sharding`).
+    """
 
-    @jax.jit
-    def update(state, x, **kwargs):
-        return layout(est.update(state, x, **kwargs))
+    inner: Estimator
+    mesh: Mesh
+    axis: str
+    size: int
 
-    @jax.jit
-    def merge(a, b):
-        return layout(est.merge(a, b))
+    def spec(self, leaf: Any) -> P:
+        return _wide_spec(leaf, self.axis, self.size)
 
-    return Estimator(init, update, merge, est.finalize, est.score, spec)
+    def put(self, state: Any) -> Any:
+        return _place(state, self.mesh, self.spec)
+
+    def init(self, example):
+        return self.put(self.inner.init(example))
+
+    def update(self, state, x, **kwargs):
+        return self.put(self.inner.update(state, x, **kwargs))
+
+    def merge(self, a, b):
+        return self.put(self.inner.merge(a, b))
 
 
 @register("shard_wide")

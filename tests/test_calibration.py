@@ -341,3 +341,60 @@ def test_p_values_of_stored_raw_scores_equal_p_values_of_the_rows(gaussian_calib
         np.asarray(jaxmon.p_values_of_scores(f, raw, log=True)),
         np.asarray(jaxmon.p_values(f, fresh, log=True)),
     )
+
+
+_FRESH_PROCESS = """
+import sys
+import jax.numpy as jnp
+import numpy as np
+import jaxmon
+
+ck = jaxmon.load(sys.argv[1])
+rows = jnp.asarray(np.load(sys.argv[2]))
+np.save(sys.argv[3], np.asarray(jaxmon.p_values(ck.fitted, rows, log=True)))
+state = jaxmon.begin_calibration(ck.estimator, ck.state)
+np.save(sys.argv[4], np.asarray(jaxmon.threshold(ck.estimator.finalize(
+    ck.estimator.update(state, rows)), fpr=0.1)))
+"""
+
+
+def test_p_values_and_begin_calibration_in_a_fresh_process_after_load(tmp_path):
+    """Functions given only a fitted value (or a rebuilt estimator) need nothing the fitting
+    process built: a new process finds the inner estimator from the checkpoint's spec alone."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(31)
+    cal = jaxmon.calibrated(jaxmon.gaussian(shrinkage="oas"))
+    fit, held, new = _split(normal_rows(rng, 900, D), 400, 300, 200)
+    s = cal.update(cal.init(jax.ShapeDtypeStruct((D,), jnp.float32)), jnp.asarray(fit))
+    fitting = s
+    s = jaxmon.begin_calibration(cal, s)
+    fitted = cal.finalize(cal.update(s, jnp.asarray(held)))
+    jaxmon.checkpoint.save(tmp_path / "ck", cal, fitting, fitted=fitted)
+    np.save(tmp_path / "rows.npy", np.asarray(new, np.float32))
+    out_p, out_t = tmp_path / "p.npy", tmp_path / "t.npy"
+    paths = [str(p) for p in (tmp_path / "ck", tmp_path / "rows.npy", out_p, out_t)]
+    subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS, *paths],
+        check=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        timeout=300,
+    )
+    want = jaxmon.p_values(fitted, jnp.asarray(new, jnp.float32), log=True)
+    np.testing.assert_array_equal(np.load(out_p), np.asarray(want))
+    refit = cal.finalize(cal.update(s, jnp.asarray(new, jnp.float32)))
+    np.testing.assert_array_equal(np.load(out_t), np.asarray(jaxmon.threshold(refit, fpr=0.1)))
+
+
+def test_equal_specs_give_one_estimator_object():
+    """``from_spec`` is the one place estimators are cached: the inner estimator a fitted value
+    finds by its spec is the same object (and jitted functions) every time."""
+    mon = jaxmon.monitor({"a": jaxmon.gaussian(diagonal=True)})
+    cal = jaxmon.calibrated(mon)
+    a = jaxmon.from_spec(cal.spec.to_json())
+    assert a is jaxmon.from_spec(cal.spec.to_dict()) is jaxmon.from_spec(cal.spec)
+    assert a.spec == cal.spec
+    inner = jaxmon.from_spec(cal.spec.params["estimator"])
+    assert inner is jaxmon.from_spec(mon.spec) and inner.spec == mon.spec

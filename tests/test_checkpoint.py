@@ -240,3 +240,40 @@ def test_monitor_round_trip_and_example_check(tmp_path, rng):
     wrong = dict(example, **{"blocks/1/out": jax.ShapeDtypeStruct((5,), jnp.float32)})
     with pytest.raises(checkpoint.CheckpointError, match="blocks/1/out"):
         checkpoint.load(tmp_path, estimator=mon, example=wrong)
+
+
+def test_items_saved_under_another_prefix_seal_and_load(tmp_path, fitted_gaussian):
+    """``save_args(prefix=...)`` names the items; ``seal`` and ``load`` take the same prefix."""
+    est, state, fitted = fitted_gaussian
+    other = jaxmon.gaussian(diagonal=True)
+    other_state = other.update(other.init(EXAMPLE), _rows(np.random.default_rng(3), 50))
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(
+            4,
+            args=ocp.args.Composite(
+                **checkpoint.save_args(est, state, fitted=fitted, step=4, prefix="probe_a"),
+                **checkpoint.save_args(other, other_state, step=4, prefix="probe_b"),
+            ),
+        )
+        mngr.wait_until_finished()
+    with pytest.raises(checkpoint.CheckpointError, match="another prefix"):
+        checkpoint.seal(tmp_path, 4)
+    checkpoint.seal(tmp_path, 4, prefix="probe_a")
+    ck = checkpoint.load(tmp_path, prefix="probe_a")
+    assert ck.step == 4 and ck.estimator.spec == est.spec
+    assert_trees_equal(ck.state, state)
+    assert_trees_equal(ck.fitted, fitted)
+    with pytest.raises(checkpoint.CheckpointError, match=r"probe_b_.* not written by"):
+        checkpoint.load(tmp_path, prefix="probe_b")  # its files are not in the digest record
+    # The digest record covers the sealed prefix's items, and a flipped bit there is caught.
+    record = (tmp_path / "4" / checkpoint.DIGESTS).read_text()
+    assert "probe_a_state/" in record and "probe_b_state/" not in record
+    data = max(
+        (p for p in (tmp_path / "4" / "probe_a_state").rglob("*") if p.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with pytest.raises(checkpoint.CheckpointError, match="corrupted"):
+        checkpoint.load(tmp_path, prefix="probe_a")

@@ -428,3 +428,31 @@ def test_committed_format_2_fixture_loads_and_scores_the_same():
         np.testing.assert_allclose(np.asarray(scores[k]), want, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(np.asarray(p[k]), expected["p_values"][k], rtol=1e-5, atol=1e-7)
     assert sorted(str(p) for p in root.rglob("*")) == before  # loading writes nothing
+
+
+def test_resaving_the_committed_fixture_writes_the_same_records(tmp_path):
+    """The records a save writes today (structure, example, spec, counts) equal, as JSON, those
+    of the committed format-2 fixture: the on-disk format has not moved."""
+    ck = jaxmon.load(FIXTURES / "checkpoint_v2")
+    checkpoint.save(
+        tmp_path / "again",
+        ck.estimator,
+        ck.state,
+        fitted=ck.fitted,
+        example=ck.example,
+        step=ck.step,
+        metadata=ck.metadata["user"],
+    )
+    again = jaxmon.load(tmp_path / "again")
+    for key in ("format", "format_version", "spec", "example", "state_tree", "fitted_tree"):
+        assert json.dumps(again.metadata[key]) == json.dumps(ck.metadata[key]), key
+    for key in ("rows", "nonfinite", "step", "user"):
+        assert again.metadata[key] == ck.metadata[key], key
+    record = json.loads((tmp_path / "again" / str(ck.step) / checkpoint.DIGESTS).read_text())
+    assert {k: v for k, v in record.items() if k != "files"} == {
+        "format": "jaxmon-digests",
+        "format_version": 2,
+        "algorithm": "sha256",
+    }
+    assert_trees_equal(again.state, ck.state)
+    assert_trees_equal(again.fitted, ck.fitted)
