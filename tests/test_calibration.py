@@ -212,7 +212,7 @@ def test_combine_matches_scipy(k):
     rng = np.random.default_rng(23)
     p = rng.uniform(size=(k, 50)) ** rng.uniform(0.5, 4, (k, 1))
     p[:, 0] = 1e-8  # strong evidence everywhere
-    ours_f = np.asarray(jaxmon.combine(jnp.asarray(p, jnp.float32), axis=0))
+    ours_f = np.asarray(jaxmon.combine(jnp.asarray(p, jnp.float32), method="fisher", axis=0))
     ours_t = np.asarray(jaxmon.combine(jnp.asarray(p, jnp.float32), method="tippett", axis=0))
     ours_b = np.asarray(
         jaxmon.combine(
@@ -230,8 +230,11 @@ def test_combine_matches_scipy(k):
     np.testing.assert_allclose(ours_b, np.minimum(1, k * p.min(0)), rtol=1e-5)
     assert np.all(ours_b >= ours_t * (1 - 1e-5))  # Bonferroni is the conservative bound
     # scipy's call form: one 1-D array of k p-values -> one p-value; a list of taps too.
-    one = float(jaxmon.combine(jnp.asarray(p[:, 1], jnp.float32)))
+    one = float(jaxmon.combine(jnp.asarray(p[:, 1], jnp.float32), method="fisher"))
     assert one == pytest.approx(ref_f[1], rel=2e-3)
+    # The default is Bonferroni (measured on the demo: see combine's docstring).
+    default = np.asarray(jaxmon.combine(jnp.asarray(p, jnp.float32), axis=0))
+    np.testing.assert_allclose(default, np.minimum(1, k * p.min(0)), rtol=1e-5)
     listed = np.asarray(jaxmon.combine([jnp.asarray(r, jnp.float32) for r in p], method="min_p"))
     np.testing.assert_allclose(listed, ours_b, rtol=1e-6)
 
@@ -245,12 +248,14 @@ def test_combine_log_matches_scipy_where_p_underflows(k):
     p[:, 1] = 1.0
     pj = jnp.asarray(p, jnp.float32)
     p32 = np.asarray(pj, np.float64)  # the float32-rounded inputs both sides see
-    log_f = np.asarray(jaxmon.combine(pj, axis=0, log=True), np.float64)
+    log_f = np.asarray(jaxmon.combine(pj, axis=0, method="fisher", log=True), np.float64)
     ref_f = scipy.stats.chi2.logsf(-2 * np.log(p32).sum(0), 2 * k)
     np.testing.assert_allclose(log_f, ref_f, rtol=1e-4, atol=1e-5)
     assert np.all(np.isfinite(log_f))
     if k > 1:  # the plain float32 p-value is 0 there: log space is what keeps the evidence
-        assert float(jaxmon.combine(pj[:, :1], axis=0)[0]) == 0.0 and log_f[0] < -88
+        assert (
+            float(jaxmon.combine(pj[:, :1], axis=0, method="fisher")[0]) == 0.0 and log_f[0] < -88
+        )
     log_t = np.asarray(jaxmon.combine(pj, axis=0, method="tippett", log=True), np.float64)
     with np.errstate(divide="ignore"):  # log1p(-1) = -inf for the all-ones column: exact
         ref_t = np.log(-np.expm1(k * np.log1p(-p32.min(0))))
@@ -258,7 +263,7 @@ def test_combine_log_matches_scipy_where_p_underflows(k):
     log_b = np.asarray(jaxmon.combine(pj, axis=0, method="bonferroni", log=True), np.float64)
     np.testing.assert_allclose(log_b, np.minimum(0, np.log(k * p32.min(0))), rtol=1e-5, atol=1e-6)
     # Where the plain p-value is representable, log=True is its log.
-    plain = np.asarray(jaxmon.combine(pj[:, 2:], axis=0), np.float64)
+    plain = np.asarray(jaxmon.combine(pj[:, 2:], axis=0, method="fisher"), np.float64)
     np.testing.assert_allclose(np.exp(log_f[2:]), plain, rtol=2e-3, atol=1e-7)
 
 
