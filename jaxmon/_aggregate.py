@@ -9,6 +9,12 @@ Which reduction: ``"max"`` flags a sequence with one very odd token (a trigger);
 ``"max_rolling_mean"`` sits in between: the most anomalous stretch of ``window`` consecutive
 tokens, robust to one noisy token but sensitive to a short anomalous span.
 
+Two implementations of one rule, each where it must live: :func:`sequence_scores` runs on
+the device inside ``jit`` (float32, ids in ``[0, num_segments)``); :class:`SequenceTable` folds
+the max and mean on the host (numpy, float64, any id values) block by block, for a stored
+query too long to hold at once (``jaxmon.query``'s ``sequences.npz``). ``tests/test_aggregate.py``
+checks both against the same plain-loop reference.
+
 One p-value per sequence: a sequence aggregate is not a token score, so a token's p-value must
 not be reused for it (the max over 200 tokens of a null score is far larger than one token's).
 :func:`sequence_null` sketches the aggregates of *held-out clean sequences* (one quantile
@@ -20,15 +26,17 @@ own p-values, which :func:`jaxmon.combine` combines across keys.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmon._base import ShapeError
 from jaxmon.errors import ConfigError
 
-__all__ = ["sequence_scores", "sequence_null", "sequence_p_values"]
+__all__ = ["sequence_scores", "sequence_null", "sequence_p_values", "SequenceTable"]
 
 _REDUCTIONS = ("max", "mean", "max_rolling_mean")
 
@@ -142,6 +150,69 @@ def _aggregate(v, ids, mask, n, reduce, window, fill):
         # A sequence shorter than the window has no full window: use its mean.
         out = jnp.where(jnp.isneginf(best), mean, best)
     return jnp.where(empty, jnp.float32(fill), out)
+
+
+class SequenceTable:
+    """Per-sequence aggregates folded block by block on the host (numpy, float64).
+
+    For each sequence id (any integers, in any order, split across blocks): the token count,
+    the max and the mean of each score key, and the max of each integer column (a sequence's
+    label or split; -1 when every token holds less). Each :meth:`add` reduces one block to its
+    sequences; :meth:`finish` merges the blocks (max of maxes, sum of sums), so memory grows
+    with the number of sequences, not of tokens.
+
+    Example:
+      >>> table = SequenceTable(["h"], columns=["label"])
+      >>> table.add(ids[:1000], {"h": scores[:1000]}, {"label": labels[:1000]})
+      >>> table.add(ids[1000:], {"h": scores[1000:]}, {"label": labels[1000:]})
+      >>> table.finish()["mean/h"]  # one entry per sorted unique id
+    """
+
+    def __init__(self, keys: Sequence[str], columns: Sequence[str] = ()):
+        self.keys = list(keys)
+        self.columns = list(columns)
+        self.parts: list[dict[str, np.ndarray]] = []
+
+    def add(
+        self,
+        sequence_id: np.ndarray,
+        scores: Mapping[str, np.ndarray],
+        columns: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Folds one block: ``sequence_id[n]``, ``scores {key: [n]}``, ``columns {name: [n]}``."""
+        uniq, inv = np.unique(sequence_id, return_inverse=True)
+        m = len(uniq)
+        rec = {"sequence_id": uniq, "tokens": np.bincount(inv, minlength=m).astype(np.int64)}
+        for col in self.columns:
+            rec[col] = _group_max(inv, m, np.asarray(columns[col]).astype(np.int64), -1)
+        for k, s in scores.items():
+            rec[f"max/{k}"] = _group_max(inv, m, s, -np.inf)
+            rec[f"sum/{k}"] = np.bincount(inv, weights=s, minlength=m)
+        self.parts.append(rec)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """``sequence_id`` (sorted), ``tokens``, the columns, ``max/{key}`` and ``mean/{key}``
+        per sequence (empty when no block was added)."""
+        if not self.parts:
+            return {}
+        cat = lambda f: np.concatenate([p[f] for p in self.parts])
+        uniq, inv = np.unique(cat("sequence_id"), return_inverse=True)
+        m = len(uniq)
+        out = {"sequence_id": uniq}
+        out["tokens"] = np.bincount(inv, cat("tokens"), m).astype(np.int64)
+        for col in self.columns:
+            out[col] = _group_max(inv, m, cat(col), -1)
+        for k in self.keys:
+            out[f"max/{k}"] = _group_max(inv, m, cat(f"max/{k}"), -np.inf)
+            out[f"mean/{k}"] = np.bincount(inv, cat(f"sum/{k}"), m) / np.maximum(out["tokens"], 1)
+        return out
+
+
+def _group_max(inv: np.ndarray, m: int, values: np.ndarray, fill) -> np.ndarray:
+    """``out[g] = max(fill, values[inv == g])`` for ``g < m``, in ``fill``'s dtype."""
+    out = np.full(m, fill, np.int64 if isinstance(fill, int) else np.float64)
+    np.maximum.at(out, inv, values)
+    return out
 
 
 def sequence_null(seq_scores: Any, *, relative_accuracy: float = 0.01) -> Any:

@@ -181,6 +181,67 @@ def covariance(m: Moments) -> jax.Array:
 moments_merge_jit = jax.jit(moments_merge)
 
 
+# --------------------------------------------------------------------------- whitening
+
+
+def scale_free_ridge(ridge: float | jax.Array, mean_variance: jax.Array) -> jax.Array:
+    """``ridge × mean_variance`` (``ridge`` alone when the mean variance is not positive).
+
+    Every ridge of the house is relative to the data's scale: activations' scales vary by
+    orders of magnitude, so an absolute ridge would be negligible for one tap and dominant for
+    the next.
+    """
+    return ridge * jnp.where(mean_variance > 0, mean_variance, 1.0)
+
+
+class Whitener(NamedTuple):
+    """A covariance ``Σ + floor·I`` factorised once, for whitening scores and solves.
+
+    ``|whitener @ (x − μ)|²`` is the squared Mahalanobis distance of ``x`` under ``Σ + floor·I``.
+    Leading batch axes (one covariance per mixture component) are kept on every field.
+    """
+
+    covariance: jax.Array  # shape=(..., d, d), or (..., d) when diagonal: Σ + floor·I
+    factor: jax.Array  # shape=(..., d, d): lower Cholesky factor L, or (..., d) = σ
+    whitener: jax.Array  # shape=(..., d, d): L⁻¹, or (..., d) = 1/σ
+    log_det: jax.Array  # shape=(...): log det(Σ + floor·I)
+
+
+def whiten(cov: jax.Array, floor: float | jax.Array = 0.0, *, diagonal: bool = False) -> Whitener:
+    """Factorises ``cov + floor·I`` (Cholesky) into a :class:`Whitener`.
+
+    The one place the estimators (Gaussian, transition, mixture, probe) build their whiteners.
+    Under ``jit``, fields a caller does not use (the triangular inverse of a caller that only
+    solves) are removed by dead-code elimination.
+
+    Args:
+      cov: ``[..., d, d]`` symmetric covariances, or ``[..., d]`` variances when ``diagonal``.
+      floor: a scalar added to the diagonal (see :func:`scale_free_ridge`), so that a
+        rank-deficient covariance still factorises.
+      diagonal: ``cov`` holds variances: the factor is ``σ`` and the whitener ``1/σ``.
+    """
+    if diagonal:
+        fac = cov + floor
+        return Whitener(fac, jnp.sqrt(fac), jax.lax.rsqrt(fac), jnp.sum(jnp.log(fac), -1))
+    eye = jnp.eye(cov.shape[-1], dtype=cov.dtype).reshape((1,) * (cov.ndim - 2) + cov.shape[-2:])
+    fac = cov + floor * eye
+    chol = jnp.linalg.cholesky(fac)
+    inv = jax.scipy.linalg.solve_triangular(chol, jnp.broadcast_to(eye, fac.shape), lower=True)
+    log_det = 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
+    return Whitener(fac, chol, inv, log_det)
+
+
+def cholesky_solve(w: Whitener, rhs: jax.Array) -> jax.Array:
+    """``(Σ + floor·I)⁻¹ rhs`` by two triangular solves with the Cholesky factor (full only)."""
+    return jax.scipy.linalg.cho_solve((w.factor, True), rhs)
+
+
+def condition_number(w: Whitener, *, diagonal: bool = False) -> jax.Array:
+    """Largest over smallest eigenvalue of the factorised covariance ``Σ + floor·I``."""
+    eig = w.covariance if diagonal else jnp.linalg.eigvalsh(w.covariance)
+    return jnp.max(eig, -1) / jnp.min(eig, -1)
+
+
 # --------------------------------------------------------------------------- shared centring
 
 

@@ -23,8 +23,9 @@ Taps inside ``lax.cond``/``while_loop``/``custom_vjp`` bodies raise ``NotImpleme
 
 from __future__ import annotations
 
+import fnmatch
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -255,6 +256,16 @@ def capture(fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[str, jax.Ar
     auxiliary outputs and are never differentiated. A tap inside a scan body is stacked along
     the scan axis. Non-array arguments (Python scalars, strings, config objects) are static.
 
+    The Flax front ends have the same form, ``capture(fn, *, paths=None)``
+    (:func:`jaxmon.nnx.capture`, :func:`jaxmon.linen.capture`), where ``paths`` also taps
+    module outputs by path; plain JAX has no module paths, so every tap is ``jaxmon.tap``.
+
+    Args:
+      fn: the function to run; it calls :func:`tap`.
+
+    Returns:
+      A function with ``fn``'s arguments returning ``(out, taps)``.
+
     Example:
       >>> def mlp(w, x):
       ...     h = jaxmon.tap(jax.nn.relu(x @ w), "hidden")
@@ -267,6 +278,60 @@ def capture(fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[str, jax.Ar
         return _run(fn, args, kwargs, {})
 
     return wrapped
+
+
+# --------------------------------------------------------------------------- shared by front ends
+
+
+def tap_patterns(paths: Sequence[str] | None, *, where: str) -> list[str] | None:
+    """The ``paths=`` globs of a ``capture`` front end, checked (None: no zero-edit taps).
+
+    Raises:
+      ConfigError: a glob is not a string.
+    """
+    if paths is None:
+        return None
+    patterns = list(paths)
+    if not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"{where}: paths must be strings (globs), got {paths!r}")
+    return patterns
+
+
+def matches_any(name: str, patterns: Sequence[str]) -> bool:
+    """``name`` matches one of the globs (``fnmatch``, case-sensitive; ``*`` crosses ``/``)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def name_taps(
+    entries: Iterable[tuple[Sequence[str], Any]], *, drop_call: bool = False
+) -> dict[str, jax.Array]:
+    """``{"path/to/tap": array}`` from ``(path, value)`` pairs of a framework's tap tree.
+
+    The one naming rule of the Flax front ends (:func:`jaxmon.nnx.flatten_taps`,
+    :func:`jaxmon.linen.flatten_intermediates`): a value sown once is named by its path
+    (names joined by ``/``); a tuple of ``n > 1`` values (sown ``n`` times in one call) gets
+    ``"/0"`` ... ``"/{n-1}"`` appended; non-array values are skipped. With ``drop_call``, a
+    trailing ``__call__`` is dropped (the module path names its output).
+    """
+    out: dict[str, jax.Array] = {}
+    for path, value in entries:
+        names = [str(p) for p in path]
+        if drop_call and names and names[-1] == "__call__":
+            names = names[:-1]
+        name = "/".join(names) or "__call__"
+        values = value if isinstance(value, tuple) else (value,)
+        arrays = [v for v in values if isinstance(v, jax.Array | jax.core.Tracer)]
+        if len(arrays) == 1:
+            out[name] = arrays[0]
+        else:
+            for i, v in enumerate(arrays):
+                out[f"{name}/{i}"] = v
+    return out
+
+
+def auxiliary(taps: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Taps as auxiliary outputs: ``stop_gradient``-ed, never differentiated."""
+    return {k: jax.lax.stop_gradient(v) for k, v in taps.items()}
 
 
 def attribution_taps(

@@ -14,13 +14,13 @@ mutable collections the caller asked for are returned as in ``apply`` (``(out, v
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 
+from jaxmon._taps import auxiliary, matches_any, name_taps, tap_patterns
 from jaxmon.errors import ConfigError
 
 __all__ = ["capture", "intercept", "flatten_intermediates"]
@@ -38,29 +38,17 @@ def flatten_intermediates(tree: Mapping[str, Any]) -> dict[str, jax.Array]:
     Sown tuples of one value are named by their path; ``n > 1`` values get ``"/i"`` appended;
     a trailing ``__call__`` is dropped (the module path names its output).
     """
-    out: dict[str, jax.Array] = {}
+    entries: list[tuple[list[str], Any]] = []
 
     def walk(node: Any, names: list[str]) -> None:
         if isinstance(node, Mapping):
             for k, v in node.items():
                 walk(v, [*names, str(k)])
-            return
-        parts = names[:-1] if names and names[-1] == "__call__" else names
-        name = "/".join(parts) or "__call__"
-        values = node if isinstance(node, tuple) else (node,)
-        arrays = [v for v in values if isinstance(v, jax.Array | jax.core.Tracer)]
-        if len(arrays) == 1:
-            out[name] = arrays[0]
         else:
-            for i, v in enumerate(arrays):
-                out[f"{name}/{i}"] = v
+            entries.append((names, node))
 
     walk(tree, [])
-    return out
-
-
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return name_taps(entries, drop_call=True)
 
 
 def _split(result: Any, mutable: Any) -> tuple[Any, dict[str, Any]]:
@@ -76,19 +64,22 @@ def _finish(out, inter, patterns, what):
     taps = flatten_intermediates(inter)
     if patterns is not None and not taps:
         raise ConfigError(f"jaxmon.linen.{what}: paths {list(patterns)} matched no module output")
-    return out, {k: jax.lax.stop_gradient(v) for k, v in taps.items()}
+    return out, auxiliary(taps)
 
 
 def capture(
-    module: nn.Module,
+    fn: nn.Module,
     *,
     paths: Sequence[str] | None = None,
     method: str | Callable[..., Any] | None = None,
 ) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
     """Taps a Linen module's outputs by path with ``capture_intermediates``.
 
+    The same form as :func:`jaxmon.capture` and :func:`jaxmon.nnx.capture`; a Linen module
+    keeps its variables outside, so the wrapped function takes them first.
+
     Args:
-      module: the (unbound) Linen module.
+      fn: the (unbound) Linen module, run by ``fn.apply``.
       paths: globs over module paths (``"Block_*/Dense_0"``); ``None`` keeps only what the
         model sows into ``"intermediates"``.
       method: passed to ``apply`` (default ``__call__``).
@@ -96,14 +87,15 @@ def capture(
     Returns:
       ``f(variables, *args, mutable=(), **kwargs) -> (out, taps)``.
     """
-    patterns = None if paths is None else list(paths)
+    module = fn
+    patterns = tap_patterns(paths, where="jaxmon.linen.capture")
 
     def keep(mdl: nn.Module, method_name: str) -> bool:
         if patterns is None:
             return False
         path = _path_of(mdl)
         name = path if method_name == "__call__" else f"{path}/{method_name}"
-        return _matches(name, patterns)
+        return matches_any(name, patterns)
 
     def wrapped(variables, *args, mutable: Any = (), **kwargs):
         mut = [_COLL, *([mutable] if isinstance(mutable, str) else list(mutable or ()))]
@@ -117,7 +109,7 @@ def capture(
 
 
 def intercept(
-    module: nn.Module,
+    fn: nn.Module,
     *,
     paths: Sequence[str],
     record: str = "output",
@@ -126,7 +118,7 @@ def intercept(
     """Taps module inputs or outputs by path with ``nn.intercept_methods``.
 
     Args:
-      module: the (unbound) Linen module.
+      fn: the (unbound) Linen module, run by ``fn.apply``.
       paths: globs over module paths (``"Block_*"``); only ``__call__`` is intercepted.
       record: ``"output"`` (tap named by the module path), ``"input"`` (the first positional
         argument, named ``"<path>/input"``) or ``"both"``.
@@ -139,14 +131,15 @@ def intercept(
         raise ConfigError(
             f"jaxmon.linen.intercept: record must be output/input/both, got {record!r}"
         )
-    patterns = list(paths)
+    module = fn
+    patterns = tap_patterns(paths, where="jaxmon.linen.intercept")
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         if context.method_name != "__call__":
             return out
         mdl = context.module
-        if not _matches(_path_of(mdl), patterns):
+        if not matches_any(_path_of(mdl), patterns):
             return out
         if record in ("input", "both") and args:
             mdl.sow(_COLL, "input", args[0])

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from jaxmon._taps import auxiliary, matches_any, name_taps, tap_patterns
 from jaxmon.errors import ConfigError
 
 __all__ = ["Tap", "capture", "flatten_taps"]
@@ -53,21 +53,11 @@ def flatten_taps(state: Any, *, method_outputs: bool = False) -> dict[str, jax.A
     ``"/0"`` ... ``"/{n-1}"`` appended. With ``method_outputs``, a trailing ``__call__`` is
     dropped (the module path names its output). Non-array values are skipped.
     """
-    out: dict[str, jax.Array] = {}
-    for path, var in nnx.to_flat_state(state):
-        value = var.get_value() if hasattr(var, "get_value") else var.value
-        names = [_key_name(p) for p in path]
-        if method_outputs and names and names[-1] == "__call__":
-            names = names[:-1]
-        name = "/".join(names) or "__call__"
-        values = value if isinstance(value, tuple) else (value,)
-        arrays = [v for v in values if isinstance(v, jax.Array | jax.core.Tracer)]
-        if len(arrays) == 1:
-            out[name] = arrays[0]
-        else:
-            for i, v in enumerate(arrays):
-                out[f"{name}/{i}"] = v
-    return out
+    entries = (
+        ([_key_name(p) for p in path], var.get_value() if hasattr(var, "get_value") else var.value)
+        for path, var in nnx.to_flat_state(state)
+    )
+    return name_taps(entries, drop_call=method_outputs)
 
 
 def capture(
@@ -76,6 +66,8 @@ def capture(
     paths: Sequence[str] | None = None,
 ) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
     """Wraps an NNX model (or a function whose first argument is one) to return ``(out, taps)``.
+
+    The same form as :func:`jaxmon.capture` and :func:`jaxmon.linen.capture`.
 
     Args:
       fn: a module (its ``__call__`` is run), a bound method, or ``f(model, *args)``.
@@ -90,30 +82,25 @@ def capture(
     Raises:
       ValueError: ``paths`` matched no module output (the available paths are listed).
     """
-    patterns = list(paths) if paths is not None else None
-    if isinstance(patterns, list) and not all(isinstance(p, str) for p in patterns):
-        raise ConfigError(f"jaxmon.nnx.capture: paths must be strings (globs), got {paths!r}")
+    patterns = tap_patterns(paths, where="jaxmon.nnx.capture")
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         if patterns is None:
             out, state = nnx.capture(fn, Tap)(*args, **kwargs)
-            taps = flatten_taps(state)
-        else:
-            out, state, methods = nnx.capture(fn, Tap, _MethodOutput, method_outputs=_MethodOutput)(
-                *args, **kwargs
+            return out, auxiliary(flatten_taps(state))
+        out, state, methods = nnx.capture(fn, Tap, _MethodOutput, method_outputs=_MethodOutput)(
+            *args, **kwargs
+        )
+        taps = flatten_taps(state)
+        outs = flatten_taps(methods, method_outputs=True)
+        chosen = {k: v for k, v in outs.items() if matches_any(k, patterns)}
+        if not chosen:
+            raise ConfigError(
+                f"jaxmon.nnx.capture: paths {patterns} matched no module output; "
+                f"module outputs available: {sorted(outs)}"
             )
-            taps = flatten_taps(state)
-            outs = flatten_taps(methods, method_outputs=True)
-            chosen = {
-                k: v for k, v in outs.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)
-            }
-            if not chosen:
-                raise ConfigError(
-                    f"jaxmon.nnx.capture: paths {patterns} matched no module output; "
-                    f"module outputs available: {sorted(outs)}"
-                )
-            taps.update(chosen)
-        return out, {k: jax.lax.stop_gradient(v) for k, v in taps.items()}
+        taps.update(chosen)
+        return out, auxiliary(taps)
 
     return wrapped

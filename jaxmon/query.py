@@ -13,7 +13,8 @@ tokens (per-sequence aggregates are O(sequences)).
   score key), a running top-k and non-finite count per key (:class:`_Tally`), the resume
   journal (:class:`_Journal`: after each completed block a small progress record is replaced
   atomically, so a killed query resumes from its last completed block and produces
-  bit-identical output) and the summary pass (:class:`_KeyStats`, :class:`_SequenceTable`).
+  bit-identical output) and the summary pass (:class:`_KeyStats`; per-sequence aggregates by
+  :class:`jaxmon._aggregate.SequenceTable`).
 * :func:`score_store_batch` runs whole-batch detectors (QUE, spectral signatures) through the
   same scoring loop, as plain score functions.
 
@@ -82,6 +83,7 @@ import numpy as np
 import tensorstore as ts
 from tqdm import tqdm
 
+from jaxmon._aggregate import SequenceTable
 from jaxmon._base import Estimator, EstimatorSpec, label_kwargs, nonfinite_rows, require_fitted
 from jaxmon._calibration import (
     CalibratedFitted,
@@ -1240,49 +1242,6 @@ class _KeyStats:
         return info
 
 
-class _SequenceTable:
-    """Per-sequence aggregates (tokens, label, split, max and mean score per key), folded block
-    by block from the store's ``sequence_id``, ``label`` and ``split`` columns."""
-
-    def __init__(self, keys: Sequence[str]):
-        self.keys = list(keys)
-        self.parts: list[dict[str, np.ndarray]] = []
-
-    def add(self, store: Store, lo: int, hi: int, scores: Mapping[str, np.ndarray]) -> None:
-        seq = store.read_meta("sequence_id", lo, hi)
-        uniq, inv = np.unique(seq, return_inverse=True)
-        m = len(uniq)
-        rec = {"sequence_id": uniq, "tokens": np.bincount(inv, minlength=m).astype(np.int64)}
-        for col in ("label", "split"):
-            rec[col] = np.full(m, -1, np.int64)
-            np.maximum.at(rec[col], inv, store.read_meta(col, lo, hi).astype(np.int64))
-        for k, s in scores.items():
-            mx = np.full(m, -np.inf)
-            np.maximum.at(mx, inv, s)
-            rec[f"max/{k}"] = mx
-            rec[f"sum/{k}"] = np.bincount(inv, weights=s, minlength=m)
-        self.parts.append(rec)
-
-    def finish(self) -> dict[str, np.ndarray]:
-        """The table, one entry per sequence (empty when no block was added)."""
-        if not self.parts:
-            return {}
-        cat = lambda f: np.concatenate([p[f] for p in self.parts])
-        uniq, inv = np.unique(cat("sequence_id"), return_inverse=True)
-        m = len(uniq)
-        out = {"sequence_id": uniq}
-        out["tokens"] = np.bincount(inv, cat("tokens"), m).astype(np.int64)
-        for f in ("label", "split"):
-            out[f] = np.full(m, -1, np.int64)
-            np.maximum.at(out[f], inv, cat(f))
-        for k in self.keys:
-            mx = np.full(m, -np.inf)
-            np.maximum.at(mx, inv, cat(f"max/{k}"))
-            out[f"max/{k}"] = mx
-            out[f"mean/{k}"] = np.bincount(inv, cat(f"sum/{k}"), m) / np.maximum(out["tokens"], 1)
-        return out
-
-
 def _top_items(store: Store, rows: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
     """The top-k rows of a key as summary entries (with sequence id and position if logged)."""
     items = [{"row": int(r), "score": float(s)} for r, s in zip(rows, scores, strict=True)]
@@ -1616,7 +1575,7 @@ def _summarize(
     store, keys, out = run.store, run.keys, run.out
     calibrated = run.scoring.calibrated
     stats = {k: _KeyStats() for k in keys}
-    table = _SequenceTable(keys)
+    table = SequenceTable(keys, columns=("label", "split"))
 
     def read_scores(k: str, lo: int, hi: int) -> np.ndarray:
         fail = lambda e: _read_error(e, out, f"scores of key {k!r}", outs[k], lo, hi)
@@ -1628,7 +1587,8 @@ def _summarize(
         for k, s in blk.items():
             stats[k].add(s, calibrated=calibrated)
         if "sequence_id" in store.meta:
-            table.add(store, lo, hi, blk)
+            meta = {c: store.read_meta(c, lo, hi) for c in ("sequence_id", "label", "split")}
+            table.add(meta.pop("sequence_id"), blk, meta)
     seqs = table.finish()
     if seqs:
         np.savez(os.path.join(out, "sequences.npz"), **seqs)

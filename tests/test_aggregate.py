@@ -92,3 +92,40 @@ def test_sequence_p_values_are_calibrated_on_clean_sequences():
     far = jnp.asarray([10.0, 20.0, 40.0, 1e4], jnp.float32)
     lp = np.asarray(jaxmon.sequence_p_values(null, {"k": far}, log=True)["k"])
     assert np.all(np.diff(lp) < 0) and np.all(np.isfinite(lp))
+
+
+def test_host_sequence_table_matches_loops_and_the_device_aggregation():
+    """SequenceTable (numpy, blocks, any ids) equals plain loops and sequence_scores."""
+    from jaxmon._aggregate import SequenceTable
+
+    rng = np.random.default_rng(3)
+    n_tok = 700
+    ids = rng.choice(np.array([-4, 0, 7, 9, 100, 2**40]), n_tok)  # any ints, interleaved
+    s = {"a": rng.standard_normal(n_tok) * 1e3 + 1e6, "b": -rng.exponential(size=n_tok)}
+    label = rng.integers(-3, 3, n_tok)
+    table = SequenceTable(["a", "b"], columns=["label"])
+    for lo, hi in [(0, 1), (1, 250), (250, 251), (251, 700)]:  # a sequence spans blocks
+        table.add(ids[lo:hi], {k: v[lo:hi] for k, v in s.items()}, {"label": label[lo:hi]})
+    got = table.finish()
+    uniq = np.unique(ids)
+    np.testing.assert_array_equal(got["sequence_id"], uniq)
+    for j, sid in enumerate(uniq):
+        sel = ids == sid
+        assert got["tokens"][j] == sel.sum()
+        assert got["label"][j] == max(-1, max(label[sel]))
+        for k, v in s.items():
+            assert got[f"max/{k}"][j] == max(v[sel])
+            np.testing.assert_allclose(got[f"mean/{k}"][j], sum(v[sel]) / sel.sum(), rtol=1e-13)
+    assert SequenceTable(["a"]).finish() == {}
+    # The device implementation (float32, ids renumbered to 0..n-1) gives the same aggregates.
+    dense = np.searchsorted(uniq, ids).astype(np.int32)
+    for reduce in ("max", "mean"):
+        dev = jaxmon.sequence_scores(
+            {k: jnp.asarray(v - 1e6 if k == "a" else v, jnp.float32) for k, v in s.items()},
+            jnp.asarray(dense),
+            num_segments=len(uniq),
+            reduce=reduce,
+        )
+        for k in s:
+            want = got[f"{reduce}/{k}"] - (1e6 if k == "a" else 0)
+            np.testing.assert_allclose(np.asarray(dev[k]), want, rtol=1e-5, atol=1e-3)

@@ -179,3 +179,35 @@ def test_diagonal_refuses_estimated_shrinkage():
 def test_from_spec_rejects_unknown_names():
     with pytest.raises(ValueError, match="no estimator named 'nope'"):
         jaxmon.from_spec('{"name": "nope", "params": {}}')
+
+
+def test_shared_whitener_against_float64_numpy():
+    """_numerics.whiten, used by gaussian, transition, mixture and probe, against numpy."""
+    from jaxmon import _numerics as nm
+
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((3, 40, 6))
+    cov = np.einsum("knd,kne->kde", a, a) / 40  # a batch of 3 covariances (a mixture's)
+    floor = 0.25
+    w = nm.whiten(jnp.asarray(cov, jnp.float32), floor)
+    fac = cov + floor * np.eye(6)
+    np.testing.assert_allclose(np.asarray(w.covariance), fac, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(w.factor), np.linalg.cholesky(fac), rtol=1e-4, atol=1e-5)
+    white = np.asarray(w.whitener, np.float64)
+    eye = np.broadcast_to(np.eye(6), fac.shape)
+    np.testing.assert_allclose(white @ fac @ np.swapaxes(white, 1, 2), eye, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(w.log_det), np.linalg.slogdet(fac)[1], rtol=1e-5)
+    cond = np.asarray(nm.condition_number(w))
+    np.testing.assert_allclose(cond, np.linalg.cond(fac), rtol=1e-4)
+    rhs = rng.standard_normal((3, 6, 2))
+    got = nm.cholesky_solve(w, jnp.asarray(rhs, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), np.linalg.solve(fac, rhs), rtol=1e-4, atol=1e-5)
+    var = np.diagonal(cov, axis1=1, axis2=2)
+    d = nm.whiten(jnp.asarray(var, jnp.float32), floor, diagonal=True)
+    np.testing.assert_allclose(np.asarray(d.whitener), 1 / np.sqrt(var + floor), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(d.log_det), np.log(var + floor).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(nm.condition_number(d, diagonal=True)),
+        (var + floor).max(-1) / (var + floor).min(-1),
+        rtol=1e-5,
+    )

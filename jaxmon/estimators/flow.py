@@ -227,6 +227,22 @@ def _score(fitted: FlowFitted, x, mask):
     return finish_scores(nll, rows, mask, x.shape[:-1], fitted.counts)
 
 
+def _init(example, seed: int, hidden: int, num_layers: int, tx) -> FlowState:
+    d = feature_dim(example, name="flow")
+    if d < 2:
+        raise ShapeError(
+            f"flow: a coupling flow needs at least 2 features, got an example of width {d}; "
+            "use jaxmon.gaussian or jaxmon.quantiles for scalar taps"
+        )
+    acc = nm.acc_dtype(getattr(example, "dtype", jnp.float32))
+    params = _init_params(jax.random.key(seed), d, hidden, num_layers)
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = tx.init(params)
+    return FlowState(
+        nm.moments_init(d, acc, diagonal=True), params, opt_state, jnp.zeros((), jnp.int32)
+    )
+
+
 @register("flow")
 def flow(
     *,
@@ -284,22 +300,7 @@ def flow(
     )
 
     def init(example) -> FlowState:
-        d = feature_dim(example, name="flow")
-        if d < 2:
-            raise ShapeError(
-                f"flow: a coupling flow needs at least 2 features, got an example of width {d}; "
-                "use jaxmon.gaussian or jaxmon.quantiles for scalar taps"
-            )
-        acc = nm.acc_dtype(getattr(example, "dtype", jnp.float32))
-        params = _init_params(jax.random.key(seed), d, hidden, num_layers)
-        with jax.numpy_dtype_promotion("standard"):
-            opt_state = _tx(learning_rate, clip_norm).init(params)
-        return FlowState(
-            nm.moments_init(d, acc, diagonal=True),
-            params,
-            opt_state,
-            jnp.zeros((), jnp.int32),
-        )
+        return _init(example, seed, hidden, num_layers, _tx(learning_rate, clip_norm))
 
     def update(state: FlowState, x, *, mask=None, weights=None) -> FlowState:
         return _update(

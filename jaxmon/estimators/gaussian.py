@@ -149,26 +149,17 @@ def _gaussian(shrinkage, diagonal: bool, relative: bool, ridge: float, precision
         emp = nm.covariance(state)
         var = jnp.diagonal(emp) if emp.ndim == 2 else emp
         mu = jnp.mean(var)
-        floor = ridge * jnp.where(mu > 0, mu, 1.0)
-        diag_whitener = jax.lax.rsqrt(var + floor)
+        floor = nm.scale_free_ridge(ridge, mu)
+        diag_whitener = nm.whiten(var, floor, diagonal=True).whitener
         s = _shrinkage_intensity(state, shrinkage)
         if diagonal:
             cov = (1 - s) * emp + s * mu
-            whitener = jax.lax.rsqrt(cov + floor)
-            eig = cov + floor
-            log_det = jnp.sum(jnp.log(eig))
         else:
-            d = emp.shape[0]
-            eye = jnp.eye(d, dtype=emp.dtype)
-            cov = (1 - s) * emp + s * mu * eye
-            fac = cov + floor * eye
-            chol = jnp.linalg.cholesky(fac)
-            whitener = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
-            eig = jnp.linalg.eigvalsh(fac)
-            log_det = 2 * jnp.sum(jnp.log(jnp.diagonal(chol)))
-        cond = jnp.max(eig) / jnp.min(eig)
+            cov = (1 - s) * emp + s * mu * jnp.eye(emp.shape[0], dtype=emp.dtype)
+        w = nm.whiten(cov, floor, diagonal=diagonal)
+        cond = nm.condition_number(w, diagonal=diagonal)
         return GaussianFitted(
-            state.mean, cov, whitener, diag_whitener, s, cond, log_det, state.counts
+            state.mean, cov, w.whitener, diag_whitener, s, cond, w.log_det, state.counts
         )
 
     def finalize(state: nm.Moments) -> GaussianFitted:

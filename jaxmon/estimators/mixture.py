@@ -24,6 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxmon import _numerics as nm
 from jaxmon._base import (
     Counts,
     Estimator,
@@ -66,24 +67,18 @@ def _log_dens(x, means, whiteners, log_norm) -> jax.Array:
 
 def _params(x, resp, reg, diagonal: bool):
     """M step: weights, means, covariances and their whiteners from responsibilities."""
-    k, d = resp.shape[0], x.shape[1]
+    d = x.shape[1]
     nk = jnp.sum(resp, 1) + 10 * jnp.finfo(x.dtype).eps
     pi = nk / jnp.sum(nk)
     means = jnp.matmul(resp, x, precision=_HI) / nk[:, None]
     y = x[None, :, :] - means[:, None, :]
     if diagonal:
-        cov = jnp.einsum("kn,knd->kd", resp, y * y) / nk[:, None] + reg
-        whiten = jax.lax.rsqrt(cov)
-        log_det = jnp.sum(jnp.log(cov), -1)
+        cov = jnp.einsum("kn,knd->kd", resp, y * y) / nk[:, None]
     else:
         cov = jnp.einsum("kn,knd,kne->kde", resp, y, y, precision=_HI) / nk[:, None, None]
-        cov = cov + reg * jnp.eye(d, dtype=x.dtype)[None]
-        chol = jnp.linalg.cholesky(cov)
-        eye = jnp.broadcast_to(jnp.eye(d, dtype=x.dtype), (k, d, d))
-        whiten = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
-        log_det = 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=1, axis2=2)), -1)
-    log_norm = jnp.log(pi) - 0.5 * (d * math.log(2 * math.pi) + log_det)
-    return means, cov, whiten, log_norm
+    w = nm.whiten(cov, reg, diagonal=diagonal)  # w.covariance: the ridge included
+    log_norm = jnp.log(pi) - 0.5 * (d * math.log(2 * math.pi) + w.log_det)
+    return means, w.covariance, w.whitener, log_norm
 
 
 def fit_mixture(

@@ -270,11 +270,8 @@ def _moment_probe(kind: str, covariance: str, shrinkage, ridge: float) -> Estima
                 w = t.weight + f.weight
                 m = nm.Moments(t.counts, w, t.mean, t.m2 + f.m2, t.m3 + f.m3, t.m4 + f.m4)
             cov, s = scale_free_covariance(m, shrinkage)
-            mu = jnp.trace(cov) / d
-            eye = jnp.eye(d, dtype=cov.dtype)
-            floor = ridge * jnp.where(mu > 0, mu, 1.0)
-            chol = jnp.linalg.cholesky(cov + floor * eye)
-            direction = jax.scipy.linalg.cho_solve((chol, True), diff)
+            floor = nm.scale_free_ridge(ridge, jnp.trace(cov) / d)
+            direction = nm.cholesky_solve(nm.whiten(cov, floor), diff)
             sep = jnp.sqrt(jnp.maximum(diff @ direction, 0.0))
         center = 0.5 * (t.mean + f.mean)
         zero = jnp.zeros((), t.mean.dtype)
@@ -309,8 +306,7 @@ def _standardise(t: nm.Moments, f: nm.Moments) -> tuple[jax.Array, jax.Array]:
     """Mean and 1/σ of the rows of both classes (σ floored; identity before any row)."""
     both = nm.moments_merge(t, f)
     var = nm.covariance(both)
-    mean_var = jnp.mean(var)
-    floor = 1e-6 * jnp.where(mean_var > 0, mean_var, 1.0)
+    floor = nm.scale_free_ridge(1e-6, jnp.mean(var))
     std = jnp.where(both.weight > 0, jnp.sqrt(var + floor), 1.0)
     return both.mean, 1 / std
 
@@ -335,80 +331,98 @@ def _logistic(l2: float, learning_rate: float) -> Estimator:
             jnp.zeros((), jnp.int32),
         )
 
-    @jax.jit
     def update(state: LogisticProbeState, x, *, mask=None, weights=None, labels=None):
-        d = state.trusted.mean.shape[0]
-        rows, m, w = check_rows(x, d, name=name, mask=mask, weights=weights)
-        lab = None if labels is None else check_labels(labels, x.shape[:-1], name=name)
-        m0, m1 = _class_rows(rows, m, lab, w)
-        t = nm.moments_update(state.trusted, rows, m0, w)
-        f = nm.moments_update(state.flagged, rows, m1, w)
-        mean, inv_std = _standardise(t, f)
-        ok0, _ = valid_rows(rows, m0)
-        ok1, _ = valid_rows(rows, m1)
-        acc = mean.dtype
-        wt = jnp.ones(rows.shape[:1], acc) if w is None else w.astype(acc)
-        u = jnp.where((ok0 | ok1)[:, None], (rows.astype(acc) - mean[None]) * inv_std[None], 0)
-        # Each class carries half the loss of a batch: a handful of flagged rows among
-        # thousands of trusted ones still pulls the boundary (class-balanced logistic loss).
-        n0 = jnp.sum(jnp.where(ok0, wt, 0))
-        n1 = jnp.sum(jnp.where(ok1, wt, 0))
-        c0 = jnp.where(ok0, wt, 0) / jnp.maximum(n0, 1e-12) * jnp.where(n1 > 0, 0.5, 1.0)
-        c1 = jnp.where(ok1, wt, 0) / jnp.maximum(n1, 1e-12) * jnp.where(n0 > 0, 0.5, 1.0)
-
-        def loss(params):
-            logit = u @ params["w"] + params["b"]
-            # -log σ(z) = softplus(-z), -log(1 - σ(z)) = softplus(z)
-            nll = jnp.sum(c1 * jax.nn.softplus(-logit) + c0 * jax.nn.softplus(logit))
-            return nll + 0.5 * l2 * jnp.sum(params["w"] ** 2)
-
-        grads = jax.grad(loss)(state.params)
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = _tx(learning_rate).update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-        took = (n0 + n1) > 0
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(took, a, b), new, old)
-        return LogisticProbeState(
-            t,
-            f,
-            keep(params, state.params),
-            keep(opt_state, state.opt_state),
-            state.step + took.astype(jnp.int32),
-        )
-
-    @jax.jit
-    def merge(a: LogisticProbeState, b: LogisticProbeState) -> LogisticProbeState:
-        wa = a.trusted.weight + a.flagged.weight
-        wb = b.trusted.weight + b.flagged.weight
-        tot = wa + wb
-
-        def avg(x, y):
-            if not jnp.issubdtype(x.dtype, jnp.floating):
-                return jnp.maximum(x, y)
-            mixed = (wa * x + wb * y) / jnp.where(tot > 0, tot, 1)
-            return jnp.where(wa == 0, y, jnp.where(wb == 0, x, mixed.astype(x.dtype)))
-
-        return LogisticProbeState(
-            nm.moments_merge(a.trusted, b.trusted),
-            nm.moments_merge(a.flagged, b.flagged),
-            jax.tree.map(avg, a.params, b.params),
-            jax.tree.map(avg, a.opt_state, b.opt_state),
-            jnp.maximum(a.step, b.step),
-        )
-
-    @jax.jit
-    def _finalize(state: LogisticProbeState) -> ProbeFitted:
-        t, f = state.trusted, state.flagged
-        mean, inv_std = _standardise(t, f)
-        direction = state.params["w"].astype(mean.dtype) * inv_std
-        diff = f.mean - t.mean
-        sep = jnp.abs(diff @ direction) / jnp.maximum(jnp.sqrt(direction @ direction), 1e-30)
-        zero = jnp.zeros((), mean.dtype)
-        bias = state.params["b"].astype(mean.dtype)
-        return ProbeFitted(mean, direction, bias, t.mean, f.mean, zero, sep, t.counts, f.counts)
+        return _logistic_update(state, x, mask, weights, labels, l2=l2, learning_rate=learning_rate)
 
     def finalize(state: LogisticProbeState) -> ProbeFitted:
         _require_classes(state, name)
-        return _finalize(state)
+        return _logistic_finalize(state)
 
-    return Estimator(init, update, merge, finalize, _score(name), spec)
+    return Estimator(init, update, _logistic_merge, finalize, _score(name), spec)
+
+
+def _balanced_weights(ok0, ok1, w, acc) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(c0, c1, total)``: per-row loss weights of each class, and the batch's row weight.
+
+    Each class carries half of a batch's loss: a handful of flagged rows among thousands of
+    trusted ones still pulls the boundary (class-balanced logistic loss); a batch holding one
+    class only gives it the whole loss.
+    """
+    wt = jnp.ones(ok0.shape, acc) if w is None else w.astype(acc)
+    n0 = jnp.sum(jnp.where(ok0, wt, 0))
+    n1 = jnp.sum(jnp.where(ok1, wt, 0))
+    c0 = jnp.where(ok0, wt, 0) / jnp.maximum(n0, 1e-12) * jnp.where(n1 > 0, 0.5, 1.0)
+    c1 = jnp.where(ok1, wt, 0) / jnp.maximum(n1, 1e-12) * jnp.where(n0 > 0, 0.5, 1.0)
+    return c0, c1, n0 + n1
+
+
+@functools.partial(jax.jit, static_argnames=("l2", "learning_rate"))
+def _logistic_update(state: LogisticProbeState, x, mask, weights, labels, *, l2, learning_rate):
+    """One Adam step of the class-balanced, L2-regularised logistic loss on a batch."""
+    name = "probe(logistic)"
+    d = state.trusted.mean.shape[0]
+    rows, m, w = check_rows(x, d, name=name, mask=mask, weights=weights)
+    lab = None if labels is None else check_labels(labels, x.shape[:-1], name=name)
+    m0, m1 = _class_rows(rows, m, lab, w)
+    t = nm.moments_update(state.trusted, rows, m0, w)
+    f = nm.moments_update(state.flagged, rows, m1, w)
+    mean, inv_std = _standardise(t, f)
+    ok0, _ = valid_rows(rows, m0)
+    ok1, _ = valid_rows(rows, m1)
+    acc = mean.dtype
+    u = jnp.where((ok0 | ok1)[:, None], (rows.astype(acc) - mean[None]) * inv_std[None], 0)
+    c0, c1, total = _balanced_weights(ok0, ok1, w, acc)
+
+    def loss(params):
+        logit = u @ params["w"] + params["b"]
+        # -log σ(z) = softplus(-z), -log(1 - σ(z)) = softplus(z)
+        nll = jnp.sum(c1 * jax.nn.softplus(-logit) + c0 * jax.nn.softplus(logit))
+        return nll + 0.5 * l2 * jnp.sum(params["w"] ** 2)
+
+    grads = jax.grad(loss)(state.params)
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = _tx(learning_rate).update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+    took = total > 0
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(took, a, b), new, old)
+    return LogisticProbeState(
+        t,
+        f,
+        keep(params, state.params),
+        keep(opt_state, state.opt_state),
+        state.step + took.astype(jnp.int32),
+    )
+
+
+@jax.jit
+def _logistic_merge(a: LogisticProbeState, b: LogisticProbeState) -> LogisticProbeState:
+    """Class moments merged exactly; parameters and optimizer state averaged by rows."""
+    wa = a.trusted.weight + a.flagged.weight
+    wb = b.trusted.weight + b.flagged.weight
+    tot = wa + wb
+
+    def avg(x, y):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.maximum(x, y)
+        mixed = (wa * x + wb * y) / jnp.where(tot > 0, tot, 1)
+        return jnp.where(wa == 0, y, jnp.where(wb == 0, x, mixed.astype(x.dtype)))
+
+    return LogisticProbeState(
+        nm.moments_merge(a.trusted, b.trusted),
+        nm.moments_merge(a.flagged, b.flagged),
+        jax.tree.map(avg, a.params, b.params),
+        jax.tree.map(avg, a.opt_state, b.opt_state),
+        jnp.maximum(a.step, b.step),
+    )
+
+
+@jax.jit
+def _logistic_finalize(state: LogisticProbeState) -> ProbeFitted:
+    t, f = state.trusted, state.flagged
+    mean, inv_std = _standardise(t, f)
+    direction = state.params["w"].astype(mean.dtype) * inv_std
+    diff = f.mean - t.mean
+    sep = jnp.abs(diff @ direction) / jnp.maximum(jnp.sqrt(direction @ direction), 1e-30)
+    zero = jnp.zeros((), mean.dtype)
+    bias = state.params["b"].astype(mean.dtype)
+    return ProbeFitted(mean, direction, bias, t.mean, f.mean, zero, sep, t.counts, f.counts)

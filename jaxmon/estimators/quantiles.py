@@ -65,6 +65,7 @@ conservative p-value, which also stays representable in float32 far past the dat
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -77,10 +78,14 @@ from jaxmon._base import (
     Estimator,
     EstimatorSpec,
     ShapeError,
+    check_rows,
     counts_add,
     counts_merge,
+    counts_zero,
+    masked_scores,
     register,
     require_rows,
+    valid_rows,
 )
 from jaxmon.errors import ConfigError
 
@@ -95,7 +100,7 @@ __all__ = [
     "quantiles_accuracy",
 ]
 
-_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
+_NAME = "quantiles"
 _MIN_BITS, _MAX_BITS = 1, 10
 # The GPD shape of the tail beyond the data (module docstring): floor and cap.
 _XI_MIN, _XI_MAX = 0.1, 0.9
@@ -216,134 +221,141 @@ def quantiles(*, relative_accuracy: float = 0.01) -> Estimator:
         )
     relative_accuracy = float(relative_accuracy)
     m = _bits_for(relative_accuracy)
-    nb = 1 << (9 + m)
     spec = EstimatorSpec("quantiles", {"relative_accuracy": relative_accuracy})
-    name = "quantiles"
 
     def init(example=None) -> QuantilesState:
-        shape = () if example is None else tuple(getattr(example, "shape", np.shape(example)))
-        # Distinct buffers for every leaf, so that a donated state never aliases itself.
-        counts = Counts(jnp.zeros((2,), jnp.uint32), jnp.zeros((2,), jnp.uint32))
-        return QuantilesState(
-            counts,
-            jnp.zeros((2, nb), jnp.uint32),
-            jnp.full(shape, jnp.inf, jnp.float32),
-            jnp.full(shape, -jnp.inf, jnp.float32),
-        )
+        return _init(example, m)
 
-    def rows_of(row_shape, x, mask, weights, *, what):
-        x = x if isinstance(x, jax.Array | jax.core.Tracer) else jnp.asarray(x)
-        if not any(x.dtype == f for f in _FLOATS):
-            raise ShapeError(
-                f"{name}.{what}: expected a float dtype (float32, bfloat16, float16), got "
-                f"{x.dtype} of shape {list(x.shape)}; cast with x.astype(jnp.float32)"
-            )
-        if _is_scalar_row(row_shape):
-            lead, width = tuple(x.shape), 1
-        else:
-            k = len(row_shape)
-            if x.ndim < k or tuple(x.shape[x.ndim - k :]) != tuple(row_shape):
-                want = ", ".join(str(s) for s in row_shape)
-                raise ShapeError(
-                    f"{name}.{what}: expected values of shape [..., {want}] and a float dtype "
-                    f"(the shape of the init example), got {list(x.shape)} {x.dtype}; "
-                    "initialise with a scalar example to sketch arrays of any shape"
-                )
-            lead, width = tuple(x.shape[: x.ndim - k]), int(np.prod(row_shape))
-        rows = x.reshape(-1, width)
-        out = []
-        for label, arr in (("mask", mask), ("weights", weights)):
-            if arr is not None and tuple(jnp.shape(arr)) != lead:
-                raise ShapeError(
-                    f"{name}.{what}: {label} must have the leading shape {list(lead)} of the "
-                    f"values {list(x.shape)}, got {list(jnp.shape(arr))}"
-                )
-            out.append(None if arr is None else jnp.asarray(arr).reshape(-1))
-        return rows, lead, out[0], out[1]
-
-    @jax.jit
     def update(state: QuantilesState, x, *, mask=None, weights=None) -> QuantilesState:
-        rows, _, mk, w = rows_of(state.minimum.shape, x, mask, weights, what="update")
-        width = rows.shape[1]
-        vals = rows.reshape(-1).astype(jnp.float32)
-        # Flat 1-D arrays when a row is one value: XLA's CPU loops over an [n, 1] layout
-        # (reductions over the unit axis) run several times slower.
-        finite = jnp.isfinite(vals) if width == 1 else jnp.all(jnp.isfinite(rows), axis=-1)
-        sel = jnp.ones(rows.shape[:1], bool) if mk is None else mk.astype(bool)
-        ok = sel & finite
-        ok_v = ok if width == 1 else jnp.repeat(ok, width)
-        idx = jnp.where(ok_v, _bucket_of(vals, m), jnp.int32(nb))
-        if w is None:
-            hist = jnp.zeros((nb,), jnp.uint32).at[idx].add(jnp.uint32(1), mode="drop")
-        else:
-            wi = jnp.round(w.astype(jnp.float32)).astype(jnp.uint32)
-            inc = wi if width == 1 else jnp.repeat(wi, width)
-            hist = jnp.zeros((nb,), jnp.uint32).at[idx].add(inc, mode="drop")
-            # A row of weight 0 adds no value: keep it out of the extremes too.
-            ok_v = ok_v & (inc > 0)
-        # Out-of-range ids (excluded rows) were dropped by the scatter.
-        buckets = _add_words(state.buckets, hist)
-        shape = state.minimum.shape
-        lo_v = jnp.where(ok_v, vals, jnp.inf)
-        hi_v = jnp.where(ok_v, vals, -jnp.inf)
-        # initial=: an empty batch (no rows at all) is a no-op, not a reduction error.
-        if width == 1:
-            lo = jnp.min(lo_v, initial=jnp.inf).reshape(shape)
-            hi = jnp.max(hi_v, initial=-jnp.inf).reshape(shape)
-        else:
-            lo = jnp.min(lo_v.reshape(-1, width), axis=0, initial=jnp.inf).reshape(shape)
-            hi = jnp.max(hi_v.reshape(-1, width), axis=0, initial=-jnp.inf).reshape(shape)
-        # Row counts from the histogram (B additions) rather than from a pass over the batch:
-        # reductions over millions of bools are a large share of XLA's CPU time here.
-        if w is None:
-            n_ok = (jnp.sum(hist) // jnp.uint32(width)).astype(jnp.int32)
-        else:
-            n_ok = jnp.sum(ok).astype(jnp.int32)
-        n_sel = jnp.int32(rows.shape[0]) if mk is None else jnp.sum(sel).astype(jnp.int32)
-        counts = counts_add(state.counts, n_ok, n_sel - n_ok)
-        return QuantilesState(
-            counts, buckets, jnp.minimum(state.minimum, lo), jnp.maximum(state.maximum, hi)
-        )
+        return _update(state, x, mask, weights, m=m)
 
-    @jax.jit
-    def _finalize_jit(state: QuantilesState) -> QuantilesFitted:
-        return _finalize(state)
-
-    def finalize(state: QuantilesState) -> QuantilesFitted:
-        require_rows(state, name)
-        return _finalize_jit(state)
-
-    @jax.jit
     def score(fitted: QuantilesFitted, x, *, mask=None):
-        rows, lead, mk, _ = rows_of(fitted.minimum.shape, x, mask, None, what="score")
-        # A row is as anomalous as its largest value; a row holding NaN/inf maximally so.
-        vals = rows.astype(jnp.float32)
-        top = jnp.where(jnp.all(jnp.isfinite(vals), -1), jnp.max(vals, -1), jnp.inf)
-        out = (-log_upper_tail(fitted, top)).reshape(lead)
-        if mk is None:
-            return out
-        return jnp.where(mk.reshape(lead).astype(bool), out, jnp.zeros((), out.dtype))
+        return _score(fitted, x, mask)
 
-    return Estimator(init, update, _merge, finalize, score, spec)
+    return Estimator(init, update, _merge, _checked_finalize, score, spec)
 
 
-def _add_words(words: jax.Array, inc: jax.Array) -> jax.Array:
-    lo = words[0] + inc
-    carry = (lo < words[0]).astype(jnp.uint32)
-    return jnp.stack([lo, words[1] + carry])
+def _init(example, m: int) -> QuantilesState:
+    shape = () if example is None else tuple(getattr(example, "shape", np.shape(example)))
+    return QuantilesState(
+        counts_zero(),
+        jnp.zeros((2, 1 << (9 + m)), jnp.uint32),
+        jnp.full(shape, jnp.inf, jnp.float32),
+        jnp.full(shape, -jnp.inf, jnp.float32),
+    )
+
+
+def _rows_of(row_shape: tuple[int, ...], x, mask, weights, *, what: str):
+    """``(rows[n, width], lead, mask[n], weights[n])``: ``x`` as rows of ``row_shape``, checked.
+
+    A one-element ``row_shape`` makes every element of ``x`` its own row (any shape of ``x``);
+    otherwise a row is the trailing ``row_shape`` block. Dtype and mask/weights shapes are
+    checked by :func:`jaxmon._base.check_rows`, as for every estimator.
+    """
+    x = x if isinstance(x, jax.Array | jax.core.Tracer) else jnp.asarray(x)
+    if _is_scalar_row(row_shape):
+        lead, width = tuple(x.shape), 1
+    else:
+        k = len(row_shape)
+        if x.ndim < k or tuple(x.shape[x.ndim - k :]) != tuple(row_shape):
+            want = ", ".join(str(s) for s in row_shape)
+            raise ShapeError(
+                f"{_NAME}.{what}: expected values of shape [..., {want}] and a float dtype "
+                f"(the shape of the init example), got {list(x.shape)} {x.dtype}; "
+                "initialise with a scalar example to sketch arrays of any shape"
+            )
+        lead, width = tuple(x.shape[: x.ndim - k]), int(np.prod(row_shape))
+    mask, weights = (None if a is None else jnp.asarray(a) for a in (mask, weights))
+    rows, mk, w = check_rows(
+        x.reshape(*lead, width), width, name=f"{_NAME}.{what}", mask=mask, weights=weights
+    )
+    return rows, lead, mk, w
+
+
+@functools.partial(jax.jit, static_argnames=("m",))
+def _update(state: QuantilesState, x, mask, weights, *, m: int) -> QuantilesState:
+    nb = state.buckets.shape[1]
+    rows, _, mk, w = _rows_of(state.minimum.shape, x, mask, weights, what="update")
+    width = rows.shape[1]
+    rows32 = rows.astype(jnp.float32)  # a float64 value beyond float32's range is non-finite
+    vals = rows32.reshape(-1)
+    ok, _ = valid_rows(rows32, mk)
+    ok_v = ok if width == 1 else jnp.repeat(ok, width)
+    # Out-of-range ids (excluded rows) are dropped by the scatter.
+    idx = jnp.where(ok_v, _bucket_of(vals, m), jnp.int32(nb))
+    if w is None:
+        hist = jnp.zeros((nb,), jnp.uint32).at[idx].add(jnp.uint32(1), mode="drop")
+    else:
+        wi = jnp.round(w.astype(jnp.float32)).astype(jnp.uint32)
+        inc = wi if width == 1 else jnp.repeat(wi, width)
+        hist = jnp.zeros((nb,), jnp.uint32).at[idx].add(inc, mode="drop")
+        # A row of weight 0 adds no value: keep it out of the extremes too.
+        ok_v = ok_v & (inc > 0)
+    lo, hi = _extremes(vals, ok_v, width, state.minimum.shape)
+    # Row counts from the histogram (B additions) rather than from a pass over the batch:
+    # reductions over millions of bools are a large share of XLA's CPU time here.
+    if w is None:
+        n_ok = (jnp.sum(hist) // jnp.uint32(width)).astype(jnp.int32)
+    else:
+        n_ok = jnp.sum(ok).astype(jnp.int32)
+    n_sel = jnp.int32(rows.shape[0]) if mk is None else jnp.sum(mk).astype(jnp.int32)
+    return QuantilesState(
+        counts_add(state.counts, n_ok, n_sel - n_ok),
+        _add_bucket_words(state.buckets, jnp.stack([hist, jnp.zeros_like(hist)])),
+        jnp.minimum(state.minimum, lo),
+        jnp.maximum(state.maximum, hi),
+    )
+
+
+def _extremes(vals, ok_v, width: int, shape) -> tuple[jax.Array, jax.Array]:
+    """Smallest and largest kept value per position within a row (``±inf`` when none)."""
+    lo_v = jnp.where(ok_v, vals, jnp.inf)
+    hi_v = jnp.where(ok_v, vals, -jnp.inf)
+    # initial=: an empty batch (no rows at all) is a no-op, not a reduction error. Flat 1-D
+    # arrays when a row is one value: XLA's CPU loops over an [n, 1] layout run slower.
+    if width == 1:
+        lo = jnp.min(lo_v, initial=jnp.inf)
+        hi = jnp.max(hi_v, initial=-jnp.inf)
+    else:
+        lo = jnp.min(lo_v.reshape(-1, width), axis=0, initial=jnp.inf)
+        hi = jnp.max(hi_v.reshape(-1, width), axis=0, initial=-jnp.inf)
+    return lo.reshape(shape), hi.reshape(shape)
+
+
+def _add_bucket_words(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Exact sum of two ``[2, B]`` arrays of ``[lo, hi]`` uint32 counter words (with carry)."""
+    # Each bucket is a two-word counter, as jaxmon._base.Counts: counts_merge adds words alike.
+    return counts_merge(Counts(a, a[:, :0]), Counts(b, b[:, :0])).rows
 
 
 @jax.jit
 def _merge(a: QuantilesState, b: QuantilesState) -> QuantilesState:
-    lo = a.buckets[0] + b.buckets[0]
-    carry = (lo < a.buckets[0]).astype(jnp.uint32)
-    buckets = jnp.stack([lo, a.buckets[1] + b.buckets[1] + carry])
     return QuantilesState(
         counts_merge(a.counts, b.counts),
-        buckets,
+        _add_bucket_words(a.buckets, b.buckets),
         jnp.minimum(a.minimum, b.minimum),
         jnp.maximum(a.maximum, b.maximum),
     )
+
+
+@jax.jit
+def _finalize_jit(state: QuantilesState) -> QuantilesFitted:
+    return _finalize(state)
+
+
+def _checked_finalize(state: QuantilesState) -> QuantilesFitted:
+    require_rows(state, _NAME)
+    return _finalize_jit(state)
+
+
+@jax.jit
+def _score(fitted: QuantilesFitted, x, mask):
+    rows, lead, mk, _ = _rows_of(fitted.minimum.shape, x, mask, None, what="score")
+    # A row is as anomalous as its largest value; a row holding NaN/inf maximally so.
+    vals = rows.astype(jnp.float32)
+    top = jnp.where(jnp.all(jnp.isfinite(vals), -1), jnp.max(vals, -1), jnp.inf)
+    # Not finish_scores: an empty sketch scores NaN even for a non-finite row (no counts here).
+    return masked_scores(-log_upper_tail(fitted, top), mk, lead)
 
 
 def _finalize(state: QuantilesState) -> QuantilesFitted:

@@ -149,12 +149,9 @@ def _finalize(
     inv_w = jnp.where(w > 0, 1 / jnp.where(w > 0, w, 1), 0)
     s_aa, s_ab, s_bb = state.m2_aa * inv_w, state.m2_ab * inv_w, state.m2_bb * inv_w
     d_a, d_b = s_ab.shape
-    mu_a = jnp.trace(s_aa) / d_a
-    lam = ridge * jnp.where(mu_a > 0, mu_a, 1.0)
+    lam = nm.scale_free_ridge(ridge, jnp.trace(s_aa) / d_a)
     if rank is None:
-        eye_a = jnp.eye(d_a, dtype=s_aa.dtype)
-        chol_a = jnp.linalg.cholesky(s_aa + lam * eye_a)
-        coef = jax.scipy.linalg.cho_solve((chol_a, True), s_ab)
+        coef = nm.cholesky_solve(nm.whiten(s_aa, lam), s_ab)
     else:
         # Principal component regression: a diagonal solve in the top-`rank` eigenbasis.
         evals, evecs = jnp.linalg.eigh(s_aa)
@@ -165,13 +162,7 @@ def _finalize(
     cross = s_ab.T @ coef  # Σ_ba C
     res = s_bb - cross - cross.T + coef.T @ (s_aa @ coef)
     res = 0.5 * (res + res.T)
-    eye_b = jnp.eye(d_b, dtype=res.dtype)
-    mean_var = jnp.trace(res) / d_b
-    floor = residual_ridge * jnp.where(mean_var > 0, mean_var, 1.0)
-    fac = res + floor * eye_b
-    chol = jnp.linalg.cholesky(fac)
-    whitener = jax.scipy.linalg.solve_triangular(chol, eye_b, lower=True)
-    eig = jnp.linalg.eigvalsh(fac)
+    w = nm.whiten(res, nm.scale_free_ridge(residual_ridge, jnp.trace(res) / d_b))
     tr_b = jnp.trace(s_bb)
     explained = jnp.where(tr_b > 0, 1 - jnp.trace(res) / jnp.where(tr_b > 0, tr_b, 1), 0)
     return TransitionFitted(
@@ -179,10 +170,10 @@ def _finalize(
         state.mean_b,
         coef,
         res,
-        whitener,
+        w.whitener,
         explained,
-        jnp.max(eig) / jnp.min(eig),
-        2 * jnp.sum(jnp.log(jnp.diagonal(chol))),
+        nm.condition_number(w),
+        w.log_det,
         state.counts,
     )
 
