@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,7 @@ def batches(x: np.ndarray, size: int):
         yield jnp.asarray(x[start : start + size])
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description="calibrated detectors on synthetic activations")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         jaxmon.combine({k: jnp.asarray(v) for k, v in pvals.items()}, method="bonferroni")
     )
 
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, Any] = {}
+    scores: dict[str, np.ndarray] = {}  # returned for checks against scikit-learn
     print(
         f"trusted: fit {len(fit_rows)}, held-out {len(cal_rows)}; test: {len(fresh)} fresh "
         f"trusted + {len(test) - len(fresh)} planted anomalies ({', '.join(planted)})"
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             sel = (~labels) | (np.r_[np.full(len(fresh), ""), kind] == name)
             r[f"auroc[{name}]"] = metrics.auroc(s[sel], labels[sel])
         results[key.split(":")[-1]] = r
+        scores[key.split(":")[-1]] = s
     s = -np.log10(combined_p)  # calibrated: flag p <= 0.01, i.e. score >= 2
     results["combined(bonferroni)"] = {
         "auroc": metrics.auroc(s, labels),
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "threshold@1%fpr": 2.0,
         "fpr_at_threshold": float(np.mean(s[~labels] >= 2.0)),
     }
+    scores["combined(bonferroni)"] = s
     ci = metrics.bootstrap_ci(metrics.auroc, s, labels, n_boot=200, seed=0)
     for name, r in results.items():
         extra = " ".join(f"{k}={v:.4f}" for k, v in r.items() if k.startswith("auroc["))
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         results[f"sequence_{reduce}"] = aucs
         print(f"sequences={reduce} " + " ".join(f"auroc[{k}]={v:.4f}" for k, v in aucs.items()))
     print(f"elapsed={time.perf_counter() - t0:.1f}s")
+    results["test_scores"], results["test_labels"] = scores, labels
     return results
 
 

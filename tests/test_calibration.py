@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+import sklearn.metrics
 
 import jaxmon
 from jaxmon.estimators.quantiles import QuantilesState, quantile
@@ -306,12 +307,22 @@ def test_calibrated_detectors_example_prints_real_numbers(capsys):
         auc, recall, thr, fpr = float(auc), float(recall), float(thr), float(fpr)
         assert auc == pytest.approx(results[name]["auroc"], abs=1e-4)
         assert 0.75 < auc <= 1.0, (name, auc)  # planted anomalies are found
-        assert 0.0 < recall <= 1.0 and np.isfinite(thr)
+        # Against scikit-learn on the example's own scores and labels: AUROC, and recall at
+        # 1% FPR as the best true-positive rate on the ROC curve at or below that FPR.
+        s, y = results["test_scores"][name], results["test_labels"]
+        assert auc == pytest.approx(sklearn.metrics.roc_auc_score(y, s), abs=1e-4)
+        fpr_curve, tpr_curve, _ = sklearn.metrics.roc_curve(y, s)
+        assert recall == pytest.approx(tpr_curve[fpr_curve <= 0.01].max(), abs=1e-4), name
+        assert np.isfinite(thr)
+        assert fpr == pytest.approx(float(np.mean(s[~y] >= thr)), abs=1e-4)
         # The 1% threshold from held-out trusted rows gives ~1% FPR on fresh trusted rows
         # (3000 rows: binomial sd 0.0018).
         assert fpr < 0.02, (name, fpr)
     seq = re.findall(r"sequences=(\S+) ((?:auroc\[\S+\]=[\d.]+ ?)+)", out)
     assert {s for s, _ in seq} == {"max", "mean", "max_rolling_mean"}
+    for reduce, aucs in seq:
+        for k, v in re.findall(r"auroc\[(\S+)\]=([\d.]+)", aucs):
+            assert float(v) == pytest.approx(results[f"sequence_{reduce}"][k], abs=1e-4)
 
 
 @pytest.mark.parametrize("k", [2, 7])
