@@ -211,8 +211,25 @@ def answer(args) -> int:
     )
     score_s = time.perf_counter() - t0
 
+    _table_rank_report(
+        args, tok, labels, seq_combined, (n_cal, qstore.rows), (cal, cfitted), summary
+    )
+    summary["score_seconds"] = score_s
+    summary["score_cpu_seconds"] = time.process_time() - c0
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    log(
+        f"      stage 4 took {time.perf_counter() - t0:.1f}s "
+        f"({summary['score_cpu_seconds']:.1f}s CPU)"
+    )
+    return 0
+
+
+def _table_rank_report(args, tok, labels, seq_combined, sizes, calibrated, summary) -> None:
+    """Prints the table, ranks keys with the labelled examples, writes the HTML report."""
+    (n_cal, rows), (cal, cfitted) = sizes, calibrated
+    store_dir = args.out / "store"
     lines, results = score_table(args, tok, labels, seq_override=seq_combined)
-    _headline(args, n_cal, qstore.rows)
+    _headline(args, n_cal, rows)
     print("\n".join(lines), flush=True)
     (args.out / "table.txt").write_text("\n".join(lines) + "\n")
     summary["table"] = results
@@ -229,11 +246,3 @@ def answer(args) -> int:
         args.out / "scores", args.out / "report", trusted=args.out / "scores_calib"
     )
     log(f"      HTML report: {html}")
-    summary["score_seconds"] = score_s
-    summary["score_cpu_seconds"] = time.process_time() - c0
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    log(
-        f"      stage 4 took {time.perf_counter() - t0:.1f}s "
-        f"({summary['score_cpu_seconds']:.1f}s CPU)"
-    )
-    return 0
