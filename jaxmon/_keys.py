@@ -115,6 +115,39 @@ class MonitorKey:
         except ConfigError as e:
             raise ConfigError(f"{key!r} is not a monitor key: {e}") from None
 
+    @classmethod
+    def readings(cls, key: str) -> tuple[MonitorKey, ...]:
+        """Every way to read ``key``, :meth:`parse`'s reading first.
+
+        A key whose tap names hold ``":"`` or ``"->"`` reads several ways: without a detector
+        (the whole key names the taps) or with one (after the last ``":"``), and as one tap or
+        as a pair (split at the first ``"->"``). A monitor takes the first reading its patterns
+        produce, and refuses at ``init`` a key that would read back as another pattern's.
+
+        Raises:
+          ConfigError: ``key`` is not a non-empty string.
+        """
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"a monitor key is a non-empty string, got {key!r}")
+        base, sep, det = key.rpartition(DETECTOR)
+        splits = [(base, det)] if sep else []
+        splits.append((key, None))
+        out: list[MonitorKey] = []
+        try:
+            out.append(cls.parse(key))
+        except ConfigError:
+            pass
+        for taps_part, detector in splits:
+            a, arrow, b = taps_part.partition(PAIR)
+            for taps in ((a, b), (taps_part,)) if arrow else ((taps_part,),):
+                try:
+                    reading = cls(taps, detector)
+                except ConfigError:
+                    continue
+                if reading not in out:
+                    out.append(reading)
+        return tuple(out)
+
     @property
     def pair(self) -> bool:
         """Whether the key reads a pair of taps."""

@@ -9,6 +9,7 @@ import pytest
 
 import jaxmon
 from jaxmon._base import Estimator, EstimatorSpec, register
+from jaxmon._keys import MonitorKey
 
 from laws import LawCase, LawSuite, leaves_close, normal_rows
 
@@ -279,3 +280,76 @@ def test_every_k_updates_on_every_kth_call():
     assert jaxmon.from_spec(mon.spec.to_json()).spec == mon.spec
     with pytest.raises(ValueError, match="k must be"):
         jaxmon.every_k(g, 0)
+
+
+def test_pair_keys_read_back_as_pairs_in_a_fresh_monitor():
+    # "blocks/*/resid" also matches the string "blocks/0/resid->blocks/1/resid" (fnmatch's *
+    # crosses "/" and "->"): a key is read as a pair first, so a monitor rebuilt from its spec
+    # (a restored checkpoint) merges and finalizes the pair key with the transition estimator.
+    rng = np.random.default_rng(6)
+    taps = _taps(rng)
+    mon = jaxmon.monitor(
+        {
+            "blocks/*/resid": jaxmon.gaussian(),
+            ("blocks/0/resid", "blocks/1/resid"): jaxmon.transition(),
+        }
+    )
+    state = mon.update(mon.init(_example(taps)), taps)
+    rebuilt = jaxmon.from_spec(mon.spec.to_json())
+    f = rebuilt.finalize(rebuilt.merge(state, state))
+    assert isinstance(f["blocks/0/resid->blocks/1/resid"], jaxmon.TransitionFitted)
+    leaves_close(f, mon.finalize(mon.merge(state, state)), rtol=1e-6, atol=1e-6)
+    leaves_close(rebuilt.score(f, taps), mon.score(f, taps), rtol=1e-6, atol=1e-6)
+
+
+def test_keys_that_read_back_as_another_pattern_are_refused_at_init():
+    rng = np.random.default_rng(7)
+    taps = _taps(rng)
+    # The first pair zips 0->1 and 1->2; "blocks/0/resid->blocks/2/resid" also fits its globs,
+    # so from its name alone it would be merged and finalized by the first pattern's estimator.
+    mon = jaxmon.monitor(
+        {
+            ("blocks/[01]/resid", "blocks/[12]/resid"): _concat_pair(),
+            ("blocks/0/resid", "blocks/2/resid"): jaxmon.transition(),
+        }
+    )
+    with pytest.raises(jaxmon.ConfigError, match=r"blocks/0/resid->blocks/2/resid.*read back"):
+        mon.init(_example(taps))
+
+
+def test_tap_names_holding_key_separators():
+    # A tap name with ":" or "->" is ambiguous as a key; a monitor reads it back as the pattern
+    # that produced it when only one reading fits.
+    rng = np.random.default_rng(8)
+    x = {
+        "attn:q": jnp.asarray(normal_rows(rng, 12, 3)),
+        "a->b": jnp.asarray(normal_rows(rng, 12, 3)),
+    }
+    mon = jaxmon.monitor({"*": jaxmon.gaussian()})
+    state = mon.update(mon.init(_example(x)), x)
+    assert sorted(state) == ["a->b", "attn:q"]
+    rebuilt = jaxmon.from_spec(mon.spec.to_json())
+    leaves_close(rebuilt.finalize(state), mon.finalize(state), rtol=0, atol=0)
+    readings = [(k.taps, k.detector) for k in MonitorKey.readings("a->b:c")]
+    assert readings == [
+        (("a", "b"), "c"),
+        (("a->b",), "c"),
+        (("a", "b:c"), None),
+        (("a->b:c",), None),
+    ]
+    assert MonitorKey.readings("x") == (MonitorKey(("x",)),)
+
+
+def test_stacked_score_errors_name_the_stacked_tap_and_keys():
+    stk = jaxmon.monitor({"b/*/r": jaxmon.gaussian()}, stacked={"r": "b/{i}/r"})
+    rng = np.random.default_rng(9)
+    x = {"r": jnp.asarray(normal_rows(rng, 16, 3).reshape(2, 8, 3))}
+    f = stk.finalize(stk.update(stk.init(_example(x)), x))
+    with pytest.raises(
+        jaxmon.ShapeError, match=r"stacked tap 'r'.*'b/0/r', 'b/1/r'.*\[\.\.\., 3\]"
+    ):
+        stk.score(f, {"r": jnp.zeros((2, 4, 6), jnp.float32)})
+    with pytest.raises(jaxmon.MissingTapError, match=r"missing tap\(s\) \['b/0/r', 'b/1/r'\]"):
+        stk.score(f, {"q": x["r"]})
+    with pytest.raises(jaxmon.ShapeError, match="expects a dict"):
+        stk.score(f, x["r"])
