@@ -21,11 +21,11 @@ class TestGaussianLedoitWolfLaws(LawSuite):
 
 
 class TestGaussianOASLaws(LawSuite):
-    case = LawCase(make=lambda: jaxmon.gaussian(shrinkage="oas"))
+    case = LawCase(make=lambda: jaxmon.gaussian(shrinkage="oas"), weights=True)
 
 
 class TestGaussianFixedShrinkageLaws(LawSuite):
-    case = LawCase(make=lambda: jaxmon.gaussian(shrinkage=0.25))
+    case = LawCase(make=lambda: jaxmon.gaussian(shrinkage=0.25), weights=True)
 
 
 class TestGaussianDiagonalLaws(LawSuite):
@@ -49,6 +49,7 @@ class TestGaussianRelativeLaws(LawSuite):
         make=lambda: jaxmon.gaussian(relative=True, shrinkage=0.1),
         rows=correlated_rows,
         anomalies=decorrelated_rows,
+        weights=True,
     )
 
 

@@ -22,6 +22,7 @@ class TestPCAResidualSketchLaws(LawSuite):
         compare=fd_compare,
         d=10,
         n=64,
+        weights=True,
     )
 
 
