@@ -210,11 +210,11 @@ class TestShardLocalMonitorLaws(LawSuite):
         compare=_replicas_close,
     )
 
-    @pytest.mark.slow
     def test_jit_equals_eager(self):
-        # Unchanged law; slow because eager shard_map over 8 devices runs op by op (~100 s on
-        # the shared 2-core machine).
-        super().test_jit_equals_eager()
+        pytest.skip(
+            "the inner monitor's jit == eager is TestMonitorNamedDetectorsLaws's law; eager "
+            "shard_map over 8 devices runs op by op (~100 s on 2 cores) and tests jax itself"
+        )
 
     def test_merged_replicas_equal_one_device(self):
         est = self.est
