@@ -173,6 +173,24 @@ def moments_update(
     return moments_merge(state, batch)
 
 
+def average_by_rows(a: Any, b: Any, wa: jax.Array, wb: jax.Array) -> Any:
+    """Two pytrees of trained parameters (or optimizer state) averaged by the rows each saw.
+
+    The merge of estimators trained by streaming optimizer steps (``flow``, the logistic
+    probe): not exact, but an exact identity (a side that has seen no rows contributes
+    nothing) and symmetric. Integer leaves (step counters) take the larger of the two.
+    """
+    tot = wa + wb
+
+    def avg(x, y):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.maximum(x, y)
+        mixed = (wa * x + wb * y) / jnp.where(tot > 0, tot, 1)
+        return jnp.where(wa == 0, y, jnp.where(wb == 0, x, mixed.astype(x.dtype)))
+
+    return jax.tree.map(avg, a, b)
+
+
 def covariance(m: Moments) -> jax.Array:
     """Biased (maximum-likelihood) covariance ``M2 / W``, as scikit-learn's estimators use."""
     return _safe_ratio(m.m2, m.weight)

@@ -190,19 +190,10 @@ def _update(state: FlowState, x, mask, weights, *, learning_rate, clip_norm, axi
 @jax.jit
 def _merge(a: FlowState, b: FlowState) -> FlowState:
     wa, wb = a.moments.weight, b.moments.weight
-    tot = wa + wb
-
-    def avg(x, y):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            return jnp.maximum(x, y)  # step counters (Adam's count)
-        mixed = (wa * x + wb * y) / jnp.where(tot > 0, tot, 1)
-        # Exact identity: a side that has seen no rows contributes nothing.
-        return jnp.where(wa == 0, y, jnp.where(wb == 0, x, mixed.astype(x.dtype)))
-
     return FlowState(
         nm.moments_merge(a.moments, b.moments),
-        jax.tree.map(avg, a.params, b.params),
-        jax.tree.map(avg, a.opt_state, b.opt_state),
+        nm.average_by_rows(a.params, b.params, wa, wb),
+        nm.average_by_rows(a.opt_state, b.opt_state, wa, wb),
         jnp.maximum(a.step, b.step),
     )
 

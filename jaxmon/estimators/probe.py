@@ -399,19 +399,11 @@ def _logistic_merge(a: LogisticProbeState, b: LogisticProbeState) -> LogisticPro
     """Class moments merged exactly; parameters and optimizer state averaged by rows."""
     wa = a.trusted.weight + a.flagged.weight
     wb = b.trusted.weight + b.flagged.weight
-    tot = wa + wb
-
-    def avg(x, y):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            return jnp.maximum(x, y)
-        mixed = (wa * x + wb * y) / jnp.where(tot > 0, tot, 1)
-        return jnp.where(wa == 0, y, jnp.where(wb == 0, x, mixed.astype(x.dtype)))
-
     return LogisticProbeState(
         nm.moments_merge(a.trusted, b.trusted),
         nm.moments_merge(a.flagged, b.flagged),
-        jax.tree.map(avg, a.params, b.params),
-        jax.tree.map(avg, a.opt_state, b.opt_state),
+        nm.average_by_rows(a.params, b.params, wa, wb),
+        nm.average_by_rows(a.opt_state, b.opt_state, wa, wb),
         jnp.maximum(a.step, b.step),
     )
 
