@@ -173,6 +173,23 @@ def moments_update(
     return moments_merge(state, batch)
 
 
+def optimizer_step(tx: Any, grads: Any, params: Any, opt_state: Any, took: jax.Array):
+    """One optax step of ``params``, taken only where ``took`` (a batch with valid rows).
+
+    A batch without valid rows leaves parameters and optimizer state untouched (no step, no
+    optimizer drift); shared by the estimators trained by streaming steps (``flow``, the
+    logistic probe). Returns ``(params, opt_state)``.
+    """
+    import optax  # only the trained estimators need it
+
+    # optax mixes Python floats and int32 step counts: not clean under strict promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(took, a, b), new, old)
+    return keep(new_params, params), keep(new_opt, opt_state)
+
+
 def average_by_rows(a: Any, b: Any, wa: jax.Array, wb: jax.Array) -> Any:
     """Two pytrees of trained parameters (or optimizer state) averaged by the rows each saw.
 

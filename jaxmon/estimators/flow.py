@@ -171,20 +171,11 @@ def _update(state: FlowState, x, mask, weights, *, learning_rate, clip_norm, axi
     if axis_name is not None:
         grads, den = jax.lax.psum((grads, den), axis_name)
     grads = jax.tree.map(lambda g: g / jnp.where(den > 0, den, 1), grads)
-    tx = _tx(learning_rate, clip_norm)
-    # optax mixes Python floats and int32 step counts: not clean under strict promotion.
-    with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
     took = den > 0
-    # A batch without valid rows leaves the flow untouched (no step, no optimizer drift).
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(took, a, b), new, old)
-    return FlowState(
-        moments,
-        keep(params, state.params),
-        keep(opt_state, state.opt_state),
-        state.step + took.astype(jnp.int32),
+    params, opt_state = nm.optimizer_step(
+        _tx(learning_rate, clip_norm), grads, state.params, state.opt_state, took
     )
+    return FlowState(moments, params, opt_state, state.step + took.astype(jnp.int32))
 
 
 @jax.jit

@@ -380,18 +380,11 @@ def _logistic_update(state: LogisticProbeState, x, mask, weights, labels, *, l2,
         return nll + 0.5 * l2 * jnp.sum(params["w"] ** 2)
 
     grads = jax.grad(loss)(state.params)
-    with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = _tx(learning_rate).update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
     took = total > 0
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(took, a, b), new, old)
-    return LogisticProbeState(
-        t,
-        f,
-        keep(params, state.params),
-        keep(opt_state, state.opt_state),
-        state.step + took.astype(jnp.int32),
+    params, opt_state = nm.optimizer_step(
+        _tx(learning_rate), grads, state.params, state.opt_state, took
     )
+    return LogisticProbeState(t, f, params, opt_state, state.step + took.astype(jnp.int32))
 
 
 @jax.jit
