@@ -290,11 +290,6 @@ def counts_merge(a: Counts, b: Counts) -> Counts:
     return Counts(_add_words(a.rows, b.rows), _add_words(a.nonfinite, b.nonfinite))
 
 
-def counts_as_float(words: Array, dtype=jnp.float32) -> Array:
-    """A counter as a float (rounded beyond 2^24 in float32; for ratios, not for reporting)."""
-    return words[0].astype(dtype) + words[1].astype(dtype) * dtype(2.0**32)
-
-
 def _words_to_int(words: Any) -> int:
     w = np.asarray(jax.device_get(words)).astype(np.uint64)
     # Stacked (vmapped) counters: sum the per-layer counts exactly in Python ints.

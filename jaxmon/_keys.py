@@ -34,7 +34,6 @@ __all__ = [
     "PAIR",
     "EstimatorKind",
     "MonitorKey",
-    "format_key",
     "kind_of",
     "parse_pattern",
 ]
@@ -168,11 +167,6 @@ class MonitorKey:
 
     def __str__(self) -> str:
         return self.format()
-
-
-def format_key(taps: str | Sequence[str], detector: str | None = None) -> str:
-    """``str(MonitorKey.of(taps, detector))``: the key a monitor gives ``detector`` on ``taps``."""
-    return MonitorKey.of(taps, detector).format()
 
 
 def parse_pattern(pattern: str) -> str | tuple[str, str]:

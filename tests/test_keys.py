@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxmon
-from jaxmon._keys import MonitorKey, format_key, kind_of, parse_pattern
+from jaxmon._keys import MonitorKey, kind_of, parse_pattern
 from jaxmon.errors import ConfigError
 
 
@@ -28,7 +28,7 @@ def test_parse_and_format_round_trip(text, taps, detector):
     assert key.pair == (len(taps) == 2)
     assert str(key) == key.format() == text
     assert MonitorKey.of(taps if len(taps) == 2 else taps[0], detector) == key
-    assert format_key(taps, detector) == text
+    assert MonitorKey.of(taps, detector).format() == text
     assert key.with_detector(None).format() == key.base == "->".join(taps)
 
 
@@ -68,9 +68,9 @@ def test_keys_agree_with_the_keys_a_monitor_gives():
         }
     )
     state = mon.init({k: jax.ShapeDtypeStruct((d,), jnp.float32) for k in taps})
-    want = {format_key(f"blocks/{i}/r", det) for i in range(3) for det in ("g", "d")}
-    want |= {format_key(f"blocks/{i}/m") for i in range(3)}
-    want |= {format_key((f"blocks/{i}/r", f"blocks/{i + 1}/r")) for i in range(2)}
+    want = {MonitorKey.of(f"blocks/{i}/r", det).format() for i in range(3) for det in ("g", "d")}
+    want |= {MonitorKey.of(f"blocks/{i}/m").format() for i in range(3)}
+    want |= {MonitorKey.of((f"blocks/{i}/r", f"blocks/{i + 1}/r")).format() for i in range(2)}
     assert set(state) == want
     for key in state:
         assert set(MonitorKey.parse(key).taps) <= set(taps)
